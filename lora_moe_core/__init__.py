@@ -1,0 +1,1 @@
+"""LoRA mixture of experts for WAN2.2."""
