@@ -1,0 +1,247 @@
+"""Typed, validated configuration loaded from TOML, with command-line overrides.
+
+The TOML layout follows the seed (``[training]``, ``[lora]``, ``[lora_moe]``, ``[router]``, ``[loss]``) plus
+``[model]`` and ``[gates]``. Every field name is unique across sections, so each one is also a command-line
+flag of the same name (``--learning_rate 5e-5``); a flag given on the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lora_moe_core.errors import UserError
+from lora_moe_core.families import FAMILIES, NUM_FAMILIES
+
+BLOCK_SELECTOR = re.compile(r"^(all|last_\d+|first_\d+|\d+-\d+)$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which WAN2.2 model the adapters sit on."""
+
+    task: Literal["tiny", "t2v-A14B"] = Field(
+        "t2v-A14B", description="model family: t2v-A14B (two 14B DiTs) or tiny (random, CPU tests and demo)"
+    )
+    model: str | None = Field(None, description="diffusers-layout model folder, local path or s3:// URI")
+    timestep_boundary: float | None = Field(
+        None, gt=0, lt=1, description="high/low-noise DiT switch as a fraction of 1000 (default: the task's, 0.875)"
+    )
+
+
+class LoRAConfig(_Section):
+    """Target modules and ranks (Stage 1; the experts of Stage 2 use the same targets and ranks)."""
+
+    lora_dim: int = Field(4, ge=1, description="default LoRA rank for every targeted module")
+    lora_alpha: float = Field(1.0, gt=0, description="LoRA alpha; the branch scale is alpha/rank (musubi convention)")
+    target_blocks: str | list[int] = Field(
+        "last_8", description="DiT blocks holding attention adapters: last_N, first_N, A-B, all or a list of indices"
+    )
+    rank_q: int | None = Field(8, ge=0, description="rank of attn1.to_q (0 = not adapted; unset = lora_dim)")
+    rank_k: int | None = Field(None, ge=0, description="rank of attn1.to_k (0 = not adapted; unset = lora_dim)")
+    rank_v: int | None = Field(None, ge=0, description="rank of attn1.to_v (0 = not adapted; unset = lora_dim)")
+    rank_o: int | None = Field(None, ge=0, description="rank of attn1.to_out.0 (0 = not adapted; unset = lora_dim)")
+    rank_ffn: int | None = Field(None, ge=0, description="rank of ffn.net.0.proj (0 = not adapted; unset = lora_dim)")
+    ffn_target_blocks: str | list[int] = Field("last_3", description="DiT blocks holding the FFN adapter")
+
+    @field_validator("target_blocks", "ffn_target_blocks")
+    @classmethod
+    def _check_blocks(cls, value: str | list[int]) -> str | list[int]:
+        if isinstance(value, str) and not BLOCK_SELECTOR.match(value):
+            raise ValueError(f"'{value}' is not one of all, last_N, first_N, A-B or a list of block indices")
+        if isinstance(value, list) and any(index < 0 for index in value):
+            raise ValueError("block indices must be >= 0")
+        return value
+
+
+class LoRAMoEConfig(_Section):
+    """The expert bank of Stage 2."""
+
+    num_experts: int = Field(NUM_FAMILIES, description=f"experts, one per family: {', '.join(FAMILIES)}")
+    lora_dim: int | None = Field(
+        None, ge=1, description="default expert rank (unset = lora.lora_dim)", json_schema_extra={"flag": "expert_dim"}
+    )
+    expert_alpha: float | None = Field(None, gt=0, description="expert LoRA alpha (unset = lora.lora_alpha)")
+    use_base_lora: bool = Field(True, description="keep the Stage-1 LoRA as a frozen base branch")
+    base_lora_weights: str | None = Field(None, description="Stage-1 LoRA file (musubi, ComfyUI or diffusers keys)")
+    alpha_base: float = Field(1.0, ge=0, description="multiplier of the frozen base LoRA branch (seed inference 0.7)")
+    alpha_expert: float = Field(1.0, ge=0, description="multiplier of the gated expert branches")
+
+    @field_validator("num_experts")
+    @classmethod
+    def _check_experts(cls, value: int) -> int:
+        if value != NUM_FAMILIES:
+            raise ValueError(f"must be {NUM_FAMILIES}: one expert per family ({', '.join(FAMILIES)})")
+        return value
+
+
+class RouterConfig(_Section):
+    """How per-sample gates are computed from instrument logits."""
+
+    routing_mode: Literal["learned", "rule_based", "uniform"] = Field(
+        "learned", description="learned MLP router, rule_based (softmax of instrument logits) or uniform gates"
+    )
+    train_router: bool = Field(True, description="train the router together with the experts")
+    use_teacher_guidance: bool = Field(True, description="add KL(learned || rule-based teacher) to the loss")
+    teacher_kl_weight: float = Field(1.0, ge=0, description="weight of the teacher KL loss")
+    router_hidden_dim: int = Field(64, ge=1, description="hidden width of the router MLP")
+    router_temperature: float = Field(1.0, gt=0, description="softmax temperature of the router gates")
+    top_k: int = Field(2, ge=1, le=NUM_FAMILIES, description="experts kept per sample; gates renormalised to sum 1")
+    teacher_temperature: float = Field(1.0, gt=0, description="softmax temperature of the rule-based teacher")
+    teacher_label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the teacher distribution")
+    hint_confidence: float = Field(5.0, gt=0, description="instrument logit given to a family named by a hint/caption")
+
+    @property
+    def trains_router(self) -> bool:
+        """Whether the router MLP learns: rule_based and uniform routing have none to train (seed FAQ)."""
+        return self.routing_mode == "learned" and self.train_router
+
+
+class GateConfig(_Section):
+    """Timestep-selective gates and gate statistics."""
+
+    timestep_boundaries: list[float] = Field(
+        [875.0], description="timestep bucket edges in (0, 1000); default splits Wan2.2's high/low-noise regimes"
+    )
+    train_timestep_gates: bool = Field(True, description="learn a gate per expert and timestep bucket")
+    gate_ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay of expert-usage statistics")
+
+    @field_validator("timestep_boundaries")
+    @classmethod
+    def _check_boundaries(cls, value: list[float]) -> list[float]:
+        if any(not 0 < edge < 1000 for edge in value) or value != sorted(set(value)):
+            raise ValueError("must be strictly increasing values in (0, 1000)")
+        return value
+
+
+class LossConfig(_Section):
+    """Loss weights of Stage 2 (seed values)."""
+
+    weight_roi_recon: float = Field(3.0, ge=0, description="weight of the ROI-weighted reconstruction loss")
+    use_identity_loss: bool = Field(False, description="add the instrument-identity loss (needs the classifier)")
+    weight_identity: float = Field(0.5, ge=0, description="weight of the identity loss")
+    use_temporal_loss: bool = Field(False, description="add the temporal-consistency loss")
+    weight_temporal: float = Field(0.5, ge=0, description="weight of the temporal loss")
+    weight_routing_entropy: float = Field(0.02, ge=0, description="weight of the per-sample routing entropy loss")
+    weight_routing_load_balance: float = Field(0.1, ge=0, description="weight of the load-balance loss")
+    balance_target: Literal["uniform", "dataset"] = Field(
+        "uniform", description="balance usage towards uniform or towards the dataset's family frequencies"
+    )
+
+
+class TrainingConfig(_Section):
+    """Optimisation and run settings."""
+
+    training_stage: Literal["stage_a", "stage_b", "stage_c"] = Field(
+        "stage_b", description="stage_a vanilla LoRA, stage_b experts+router, stage_c router only"
+    )
+    num_train_epochs: int = Field(20, ge=1, description="passes over the dataset")
+    max_train_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(1, ge=1, description="clips per micro-batch")
+    gradient_accumulation_steps: int = Field(8, ge=1, description="micro-batches per optimizer step")
+    seed: int = Field(42, description="random seed")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="autocast precision")
+    gradient_checkpointing: bool = Field(True, description="recompute adapted blocks in backward")
+    timestep_sampling: Literal["uniform", "sigma", "logit_normal", "shift"] = Field(
+        "shift", description="flow-matching timestep sampler"
+    )
+    discrete_flow_shift: float = Field(12.0, gt=0, description="shift of the timestep sampler (12 = A14B inference)")
+    save_every_n_steps: int | None = Field(None, ge=1, description="write a checkpoint every N optimizer steps")
+    output_dir: str = Field("outputs/lora_moe_stage_b", description="run folder for checkpoints and state")
+
+
+class Config(_Section):
+    """The whole run configuration."""
+
+    model: ModelConfig = ModelConfig()
+    lora: LoRAConfig = LoRAConfig()
+    lora_moe: LoRAMoEConfig = LoRAMoEConfig()
+    router: RouterConfig = RouterConfig()
+    gates: GateConfig = GateConfig()
+    loss: LossConfig = LossConfig()
+    training: TrainingConfig = TrainingConfig()
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation
+    for name, field in Config.model_fields.items()  # type: ignore[misc]
+}
+
+
+def flag_table() -> dict[str, tuple[str, str]]:
+    """Map every command-line flag name to its ``(section, field)``."""
+    table: dict[str, tuple[str, str]] = {}
+    for section, model in SECTIONS.items():
+        for name, field in model.model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            flag = str(extra.get("flag", name))
+            if flag in table:
+                raise RuntimeError(f"config flag --{flag} is defined twice")
+            table[flag] = (section, name)
+    return table
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{key}'{more}"
+    return f"{source}: bad value for '{key}': {first['msg']} (got {first.get('input')!r}){more}"
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into a one-line :class:`UserError`."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a config from TOML (or defaults) and apply flag overrides.
+
+    Args:
+        path: TOML file, or None for the built-in defaults.
+        overrides: ``{flag_name: value}`` as given on the command line; they win over the file.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        UserError: on a missing file, bad TOML, an unknown key or a bad value (one line naming the key).
+    """
+    data = read_toml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    table = flag_table()
+    for flag, value in (overrides or {}).items():
+        if flag not in table:
+            raise UserError(f"unknown config flag --{flag}")
+        section, name = table[flag]
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise UserError(f"{source}: '{section}' must be a table")
+        data[section][name] = value
+        source = f"{source} + flags" if "+ flags" not in source else source
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_format_error(exc, source)) from None
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """A JSON-ready dict of the config (for checkpoint metadata and MLflow params)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,99 @@
+"""Checked safetensors reading and atomic writing. A user's file is never unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lora_moe_core.errors import UserError
+
+
+def _check_header(path: Path, what: str) -> None:
+    """Refuse missing files and pickles before safetensors parses anything, with actionable messages."""
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{what} path {path} is a directory; give the .safetensors file itself")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    # safetensors = u64 header length, then a JSON object: byte 8 is "{". Test that first, since a header
+    # length whose low byte is 0x80 would otherwise look like a pickle opcode.
+    if head[8:9] == b"{":
+        return
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5):
+        raise UserError(
+            f"{path} is a PyTorch pickle checkpoint; only .safetensors files are accepted (unpickling can run code)"
+        )
+    raise UserError(f"{path} is not a safetensors {what} (empty, truncated or another format)")
+
+
+def read_safetensors(path: str | Path, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor and the metadata of a safetensors file, refusing anything suspicious.
+
+    Args:
+        path: the file.
+        what: what the file is meant to be ("LoRA", "checkpoint"), for the error messages.
+
+    Raises:
+        UserError: missing/unreadable file, a pickle offered instead, a truncated or corrupt file, or a tensor
+            holding NaN/Inf — one line each.
+    """
+    path = Path(path)
+    _check_header(path, what)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not a valid safetensors {what} (truncated or corrupt: {reason})") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: tensor '{key}' contains NaN or Inf values")
+    return tensors, metadata
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None) -> Path:
+    """Write atomically: a temporary file in the target folder (created if needed), then ``os.replace``.
+
+    Raises:
+        UserError: when the path is a folder or cannot be created or written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output path {path} is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        contiguous = {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
+        save_file(contiguous, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def metadata_json(metadata: dict[str, str], key: str, path: str | Path) -> object:
+    """Parse one JSON metadata entry, failing with the file and key named."""
+    if key not in metadata:
+        raise UserError(f"{path}: metadata '{key}' is missing (not a lora-moe file?)")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: metadata '{key}' is not valid JSON") from None

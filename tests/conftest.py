@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny random WAN2.2 DiT (diffusers' own test shape, 4 blocks) and a seeded RNG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_moe_core.config import Config, load_config
+from lora_moe_core.wan import build_transformer
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    return load_config(None, {"task": "tiny"})
+
+
+@pytest.fixture
+def tiny_transformer() -> torch.nn.Module:
+    return build_transformer("tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_inputs() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(2, 16, 3, 8, 8, generator=generator),  # [B, C, F, H, W] latents
+        "timestep": torch.tensor([950.0, 300.0]),  # one high-noise, one low-noise sample
+        "encoder_hidden_states": torch.randn(2, 12, 16, generator=generator),  # [B, L, text_dim]
+    }
