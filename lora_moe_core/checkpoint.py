@@ -24,7 +24,7 @@ from lora_moe_core.config import Config, config_to_dict
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.lora_formats import LoRAModuleWeights
-from lora_moe_core.network import LoRAMoENetwork, module_name
+from lora_moe_core.network import LoRAMoENetwork, check_module_shape, module_name
 from lora_moe_core.safetensors_io import metadata_json, read_safetensors, write_safetensors
 
 FORMAT_VERSION = "1"
@@ -138,6 +138,9 @@ def load_network(path: str | Path, shapes: dict[str, tuple[int, int]], config: C
     if len(expert_alphas) > 1:
         raise UserError(f"{path}: experts with different alphas per module are not supported")
     config.lora_moe.expert_alpha = expert_alphas.pop() if expert_alphas else None
+    experts_B = checkpoint.prefixed("expert_lora_B")
+    for name, down in checkpoint.prefixed("expert_lora_A").items():
+        check_module_shape(name, shapes, down.shape[-1], experts_B[name].shape[1])
     network = LoRAMoENetwork(config, checkpoint.expert_targets(), shapes, base_lora=checkpoint.base_lora())
     _load_tensors(network, checkpoint)
     return network
@@ -148,8 +151,6 @@ def _load_tensors(network: LoRAMoENetwork, checkpoint: Checkpoint) -> None:
     for key, target in state.items():
         source = checkpoint.tensors[key]
         if source.shape != target.shape:
-            raise UserError(
-                f"{checkpoint.path}: '{key}' has shape {list(source.shape)}, the model expects {list(target.shape)}"
-            )
+            raise UserError(f"{checkpoint.path}: '{key}' has shape {list(source.shape)}, expected {list(target.shape)}")
         with torch.no_grad():
             target.copy_(source.to(target.dtype))

@@ -31,7 +31,8 @@ def module_name(key: str) -> str:
     return key.replace("__", ".")
 
 
-def _check_shape(name: str, shapes: dict[str, tuple[int, int]], in_features: int, out_features: int) -> None:
+def check_module_shape(name: str, shapes: dict[str, tuple[int, int]], in_features: int, out_features: int) -> None:
+    """Raise a one-line UserError unless the model has a linear ``name`` of exactly this shape."""
     if name not in shapes:
         raise UserError(f"adapter module '{name}' does not exist in this model (is it for another model size?)")
     if shapes[name] != (in_features, out_features):
@@ -54,7 +55,7 @@ class LoRANetwork(nn.Module):
         super().__init__()
         self.loras = nn.ModuleDict()
         for name, rank in targets.items():
-            _check_shape(name, shapes, *shapes.get(name, (0, 0)))
+            check_module_shape(name, shapes, *shapes.get(name, (0, 0)))
             self.loras[module_key(name)] = LoRAWeights(*shapes[name], rank=rank, alpha=alpha)
 
     def apply_to(self, transformer: nn.Module, multiplier: float = 1.0) -> None:
@@ -104,12 +105,12 @@ class LoRAMoENetwork(nn.Module):
         expert_alpha = config.lora_moe.expert_alpha or config.lora.lora_alpha
         self.experts = nn.ModuleDict()
         for name, rank in expert_targets.items():
-            _check_shape(name, shapes, *shapes.get(name, (0, 0)))
+            check_module_shape(name, shapes, *shapes.get(name, (0, 0)))
             self.experts[module_key(name)] = ExpertLoRAWeights(*shapes[name], rank, NUM_FAMILIES, expert_alpha)
         self.base_loras = nn.ModuleDict()
         for name, weights in (base_lora or {}).items():
             rank, in_features = weights.down.shape
-            _check_shape(name, shapes, in_features, weights.up.shape[0])
+            check_module_shape(name, shapes, in_features, weights.up.shape[0])
             lora = LoRAWeights(in_features, weights.up.shape[0], rank, weights.alpha)
             lora.lora_A.data.copy_(weights.down.float())
             lora.lora_B.data.copy_(weights.up.float())
@@ -220,3 +221,30 @@ class LoRAMoENetwork(nn.Module):
         for module in transformer.modules():
             if isinstance(module, LoRAMoELinear):
                 module.unmerge()
+
+
+def build_network(config: Config, transformer: nn.Module) -> LoRAMoENetwork:
+    """A fresh Stage-2 network for ``transformer``: experts on the config's targets and, when
+    ``use_base_lora``, the frozen Stage-1 LoRA read from ``base_lora_weights`` (musubi, ComfyUI or diffusers).
+
+    Raises:
+        UserError: when the Stage-1 file is missing, unreadable or made for another model or other blocks.
+    """
+    from lora_moe_core.lora_formats import read_lora
+    from lora_moe_core.wan import linear_shapes, resolve_targets
+
+    shapes = linear_shapes(transformer)
+    num_layers = len(transformer.blocks)
+    targets = resolve_targets(config.lora, num_layers, default_rank=config.lora_moe.lora_dim)
+    base_lora = None
+    if config.lora_moe.use_base_lora:
+        path = config.lora_moe.base_lora_weights
+        if path is None:
+            raise UserError("use_base_lora is on but no --base_lora_weights was given (Stage-1 LoRA file)")
+        base_lora = read_lora(path).modules
+        for name, weights in base_lora.items():
+            try:
+                check_module_shape(name, shapes, weights.down.shape[1], weights.up.shape[0])
+            except UserError as exc:
+                raise UserError(f"base LoRA {path} does not fit this model: {exc}") from None
+    return LoRAMoENetwork(config, targets, shapes, base_lora=base_lora)

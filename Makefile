@@ -1,0 +1,37 @@
+# The front door: `make run` (main job on embedded defaults) and `make test`; each installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv in the repo and install everything (idempotent)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU wheel first: an unpinned resolve would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install ## tiny end-to-end demo on CPU (writes outputs/demo)
+	$(BIN)/lora-moe demo --output_dir outputs/demo
+
+test: install ## the test suite (CPU, tiny models)
+	$(BIN)/pytest
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check lora_moe_core tests
+	$(BIN)/ruff format --check lora_moe_core tests
+
+format: install ## apply ruff formatting
+	$(BIN)/ruff format lora_moe_core tests
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs .pytest_cache .ruff_cache
