@@ -72,12 +72,14 @@ BUILTIN_TERMS: dict[str, tuple[str, ...]] = {
     ),
     "Other": (
         "抓钳", "无损伤抓钳", "分离钳", "解剖钳", "弯钳", "直角钳", "鸭嘴钳", "扁钳", "持针器", "持针钳",
-        "施夹钳", "施夹器", "钛夹", "生物夹", "Hem-o-lok夹", "取物袋", "标本袋", "标本取物器", "穿刺器",
+        "施夹钳", "施夹器", "钛夹", "生物夹", "可吸收夹", "结扎夹", "Hem-o-lok夹", "取物袋", "标本袋", "标本取物器",
+        "穿刺器",
         "套管", "拉钩", "肝拉钩", "肝脏拉钩", "牵开器", "双极", "双极电凝", "双极电凝钳", "双极钳", "超声刀",
         "结扎速", "血管闭合器", "切割闭合器", "吻合器", "缝针", "缝线", "纱布", "纱条", "引流管",
         "grasper", "atraumatic grasper", "grasping forceps", "forceps", "grasp", "grasping", "grasped",
         "Maryland", "Maryland dissector", "dissector", "right-angle", "needle holder", "needle driver",
         "clip applier", "clipper", "clip", "titanium clip", "polymer clip", "Hem-o-lok", "specimen bag",
+        "retrieval bag", "endobag", "endo bag",
         "trocar", "cannula", "retractor", "liver retractor", "retract", "retracting", "retracted",
         "retraction", "bipolar", "bipolar forceps", "bipolar grasper", "bipolar cautery",
         "bipolar coagulation", "bipolar electrocautery", "harmonic", "harmonic scalpel", "harmonic shears",
@@ -100,6 +102,7 @@ _BIPOLAR_SENSITIVE = frozenset(
                       "cauterising", "coagulate", "coagulating", "coagulated", "coagulation",
                       "electrocoagulation")
 )  # fmt: skip
+_DEVICE_VERBS = frozenset(_key(t) for t in ("cut", "cutting"))  # Scissors verbs an energy device also does
 _BIPOLAR_MARKER = re.compile(r"双极|(?<![A-Za-z0-9])bipolar", re.IGNORECASE)
 # Energy devices that look like forceps: routed as Other, flagged as `energy` side label (reference §4).
 _ENERGY = frozenset(
@@ -241,16 +244,20 @@ class Vocabulary:
         ]
         candidates.sort(key=lambda c: (c[0] - c[1], c[0]))  # longest first, then leftmost
         taken = [False] * len(text)
-        bipolar = _BIPOLAR_MARKER.search(text) is not None
-        hits: list[_Hit] = []
+        kept = []
         for start, end, family, key in candidates:
             if any(taken[start:end]):
                 continue
             taken[start:end] = [True] * (end - start)
-            if family == IGNORE:
-                continue
-            sensitive = family == "Hook" and key in _BIPOLAR_SENSITIVE and bipolar
-            hits.append(_Hit(start, end, "Other" if sensitive else family, sensitive or key in _ENERGY))
+            if family != IGNORE:
+                kept.append((start, end, family, key))
+        # Energy devices that look like forceps (bipolar, harmonic shears, LigaSure, …) also coagulate and cut:
+        # with one named, bare energy words and "cut" describe that device, not a hook or scissors.
+        device = _BIPOLAR_MARKER.search(text) is not None or any(key in _ENERGY for *_, key in kept)
+        hits = []
+        for start, end, family, key in kept:
+            borrowed = device and (key in _BIPOLAR_SENSITIVE or key in _DEVICE_VERBS)
+            hits.append(_Hit(start, end, "Other" if borrowed else family, borrowed or key in _ENERGY))
         hits.sort(key=lambda h: h.start)
         return hits
 

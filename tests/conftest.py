@@ -7,6 +7,7 @@ import torch
 
 from lora_moe_core.config import Config, load_config
 from lora_moe_core.wan import build_transformer
+from tests.s3_server import s3_env, s3_server  # noqa: F401  (real SeaweedFS S3 for the storage tests)
 
 
 @pytest.fixture(autouse=True)

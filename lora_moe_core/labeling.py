@@ -1,0 +1,62 @@
+"""Caption keyword labelling: one labels.jsonl line per dataset clip, in order, from captions only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lora_moe_core.dataset import Dataset
+from lora_moe_core.families import FAMILIES
+from lora_moe_core.storage import Storage
+from lora_moe_core.vocabulary import Vocabulary
+
+
+@dataclass
+class LabelSummary:
+    """Coverage of a labelling run."""
+
+    total: int
+    per_family: dict[str, int]
+    unlabelled: int
+
+    def lines(self) -> list[str]:
+        width = max(len(name) for name in FAMILIES)
+        rows = [f"{name:<{width}}  {count:5d}  {100 * count / max(self.total, 1):5.1f}%"
+                for name, count in self.per_family.items()]  # fmt: skip
+        return [f"labelled {self.total - self.unlabelled}/{self.total} captions", *rows,
+                f"{'none':<{width}}  {self.unlabelled:5d}  (no instrument named: uniform probs)"]  # fmt: skip
+
+
+def label_records(dataset: Dataset, vocabulary: Vocabulary) -> tuple[list[dict[str, Any]], LabelSummary]:
+    """The manifest's fields plus ``families``, ``probs`` and ``matched`` for every clip, in order."""
+    records, per_family, unlabelled = [], dict.fromkeys(FAMILIES, 0), 0
+    for clip in dataset.clips:
+        match = vocabulary.match(clip.caption)
+        records.append({**clip.fields, "families": match.families, "probs": match.probs, "matched": match.matched})
+        for family in match.families:
+            per_family[family] += 1
+        unlabelled += not match.families
+    return records, LabelSummary(len(records), per_family, unlabelled)
+
+
+def write_labels(records: list[dict[str, Any]], uri: str, storage: Storage | None = None) -> None:
+    """Write labels.jsonl (UTF-8, one object per line), atomically, locally or to s3://."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    (storage or Storage()).write_bytes(uri, text.encode("utf-8"))
+
+
+def read_labels(uri: str, storage: Storage | None = None) -> list[dict[str, Any]]:
+    """Read labels.jsonl back."""
+    from lora_moe_core.errors import UserError
+
+    storage = storage or Storage()
+    text = storage.read_bytes(uri).decode("utf-8")
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{uri}:{number}: not valid JSON ({exc.msg})") from None
+    return records

@@ -1,0 +1,531 @@
+"""One interface over local paths and ``s3://bucket/key`` URIs (MinIO, SeaweedFS, AWS) for every stage.
+
+S3 settings are read from the environment at call time (see ``S3Settings.from_env``) and never appear in
+messages; failures become one-line ``UserError``s. Connection errors, 5xx/SlowDown and checksum mismatches
+are retried with bounded exponential backoff; access, missing-object and missing-bucket errors are not.
+Uploads store their SHA256 as ``x-amz-meta-sha256`` and are checked against the stored size, that SHA256
+and the server's ETag; downloads are checked against size and SHA256 (or a plain-MD5 ETag) and land atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from lora_moe_core.errors import UserError
+
+T = TypeVar("T")
+PathOrUri = str | os.PathLike[str]
+MIB = 1024 * 1024
+DEFAULT_PART_SIZE = 64 * MIB  # uploads above this go multipart; big parts keep request counts low
+MIN_PART_SIZE = 5 * MIB  # the S3 minimum
+_MAX_PARTS = 10_000
+_META_SHA256 = "x-amz-meta-sha256"
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_ETAG_RE = re.compile(r"[0-9a-f]{32}(-[0-9]+)?")
+_ACCESS_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken"}
+_RETRY_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling"}
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound"}
+_TRANSIENT = {"connect", "server", "integrity"}
+
+
+def is_s3(uri: PathOrUri) -> bool:
+    """True for ``s3://`` URIs, False for local paths."""
+    return os.fspath(uri).startswith("s3://")
+
+
+def parse_s3(uri: PathOrUri) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into ``(bucket, key)``; the key may be empty (bucket root)."""
+    text = os.fspath(uri)
+    if not is_s3(text):
+        raise UserError(f"{text!r} is not an s3://bucket/key URI")
+    bucket, _, key = text[len("s3://") :].partition("/")
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+        raise UserError(f"{text!r}: invalid bucket name {bucket!r} (3-63 characters of a-z, 0-9, '.', '-')")
+    return bucket, key
+
+
+def join(base_uri: PathOrUri, *parts: str) -> str:
+    """``base/part/...`` for either kind; slashes around parts are dropped. Not a safety check: see resolve_under."""
+    base = os.fspath(base_uri)
+    pieces = [str(part).strip("/") for part in parts if str(part).strip("/")]
+    if is_s3(base):
+        parse_s3(base)
+        return "/".join([base.rstrip("/"), *pieces]) if pieces else base
+    return str(Path(base, *pieces))
+
+
+def resolve_under(root: PathOrUri, relative: PathOrUri) -> Path:
+    """``root/relative`` resolved; UserError for absolute paths and anything (``..``, symlinks) escaping root."""
+    text = os.fspath(relative)
+    if os.path.isabs(text):
+        raise UserError(f"path {text!r} must be relative to {root}")
+    try:
+        base = Path(root).resolve()
+        candidate = (base / text).resolve()
+    except (ValueError, OSError) as exc:  # NUL bytes, symlink loops
+        raise UserError(f"invalid path {text!r} under {root}: {exc}") from exc
+    if not candidate.is_relative_to(base):
+        raise UserError(f"path {text!r} escapes {root}")
+    return candidate
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Endpoint and credentials for s3:// URIs; secrets are kept out of ``repr``."""
+
+    endpoint_url: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> S3Settings:
+        """Read ``S3_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL`` (http/https decides TLS), ``AWS_ACCESS_KEY_ID``/
+        ``AWS_SECRET_ACCESS_KEY`` or ``MINIO_ACCESS_KEY``/``MINIO_SECRET_KEY``, optional ``AWS_SESSION_TOKEN`` and
+        ``AWS_REGION``/``AWS_DEFAULT_REGION`` now; UserError naming missing variables (never values)."""
+        env = os.environ if env is None else env
+        endpoint = env.get("S3_ENDPOINT_URL") or env.get("MLFLOW_S3_ENDPOINT_URL") or ""
+        access = env.get("AWS_ACCESS_KEY_ID") or env.get("MINIO_ACCESS_KEY") or ""
+        secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("MINIO_SECRET_KEY") or ""
+        required = {
+            "S3_ENDPOINT_URL (or MLFLOW_S3_ENDPOINT_URL)": endpoint,
+            "AWS_ACCESS_KEY_ID (or MINIO_ACCESS_KEY)": access,
+            "AWS_SECRET_ACCESS_KEY (or MINIO_SECRET_KEY)": secret,
+        }
+        if missing := [name for name, value in required.items() if not value]:
+            raise UserError(f"s3:// URIs need these environment variables set: {', '.join(missing)}")
+        parts = urllib.parse.urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            shown = _strip_userinfo(endpoint) if "://" in endpoint else "a value without http:// or https://"
+            raise UserError(f"S3 endpoint must look like http://host:port or https://host, got {shown!r}")
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        return cls(_strip_userinfo(endpoint), access, secret, env.get("AWS_SESSION_TOKEN") or None, region)
+
+
+class _IntegrityError(Exception):
+    """Size or checksum mismatch after a transfer; retried like a transient failure."""
+
+
+@dataclass(frozen=True)
+class _Digests:
+    size: int
+    sha256: str
+    etag: str  # the ETag S3 computes for this content uploaded with part_size (plain MD5 for one part)
+    part_size: int
+
+
+def _digests(stream: BinaryIO, size: int, preferred_part_size: int) -> _Digests:
+    """SHA256 and expected ETag in one pass; the part size grows (MiB steps) to stay within 10 000 parts."""
+    part_size = max(preferred_part_size, MIN_PART_SIZE, math.ceil(math.ceil(size / _MAX_PARTS) / MIB) * MIB)
+    sha, part_md5s = hashlib.sha256(), []
+    while True:
+        part, filled = hashlib.md5(), 0
+        while filled < part_size and (chunk := stream.read(min(MIB, part_size - filled))):
+            sha.update(chunk)
+            part.update(chunk)
+            filled += len(chunk)
+        if filled or not part_md5s:
+            part_md5s.append(part.digest())
+        if filled < part_size:
+            break
+    etag = part_md5s[0].hex()
+    if len(part_md5s) > 1:
+        etag = f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
+    return _Digests(size, sha.hexdigest(), etag, part_size)
+
+
+def _file_digests(path: Path, preferred_part_size: int) -> _Digests:
+    with _local_errors(path), open(path, "rb") as handle:
+        return _digests(handle, os.fstat(handle.fileno()).st_size, preferred_part_size)
+
+
+def _expected_checksums(headers: Mapping[str, str]) -> dict[str, str]:
+    """What a download can be checked against: our SHA256 metadata, else a single-part (plain MD5) ETag."""
+    if sha := headers.get(_META_SHA256):
+        return {"sha256": sha.lower()}
+    etag = (headers.get("etag") or "").strip('"').lower()
+    return {"md5": etag} if re.fullmatch(r"[0-9a-f]{32}", etag) else {}
+
+
+@contextlib.contextmanager
+def _local_errors(path: PathOrUri) -> Iterator[None]:
+    """Turn file-system errors into one-line UserErrors."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc.filename or path} does not exist") from exc
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        raise UserError(f"{exc.filename or path}: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; it replaces ``path`` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _local_files(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.is_file()) if root.is_dir() else []
+
+
+def _sync_local(src: Path, dst: Path) -> list[str]:
+    """Copy files from src to dst whose size or mtime differ (copy2 keeps mtime); returns relative paths."""
+    copied = []
+    for path in _local_files(src):
+        rel, stat = path.relative_to(src), path.stat()
+        target = dst / rel
+        if target.is_file() and (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        with _local_errors(path), _atomic_target(target) as tmp:
+            shutil.copy2(path, tmp)
+        copied.append(rel.as_posix())
+    return copied
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause for a connection failure (e.g. 'Connection refused'), without object reprs."""
+    current: BaseException | None = exc
+    for _ in range(6):
+        if current is None:
+            break
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        reason = getattr(current, "reason", None)
+        current = reason if isinstance(reason, BaseException) else (current.__cause__ or current.__context__)
+    return type(exc).__name__
+
+
+def _classify(exc: BaseException) -> str | None:
+    """'denied', 'no_bucket', 'no_key', 'server', 'connect', 'integrity' or 's3'; None: not an S3 failure."""
+    import urllib3
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
+    if isinstance(exc, _IntegrityError):
+        return "integrity"
+    if isinstance(exc, S3Error):
+        status, code = (exc.response.status if exc.response is not None else 0), exc.code or ""
+        if code in _ACCESS_CODES or status == 403:
+            return "denied"
+        if code in _MISSING_CODES or status == 404:
+            return "no_bucket" if code == "NoSuchBucket" else "no_key"
+        return "server" if code in _RETRY_CODES or status >= 500 else "s3"
+    if isinstance(exc, (ServerError, InvalidResponseError)):
+        status = exc.status_code if isinstance(exc, ServerError) else int(getattr(exc, "_code", 0) or 0)
+        return {403: "denied", 404: "no_key"}.get(status, "server" if status >= 500 else "s3")
+    if isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
+        return "connect"
+    return None
+
+
+def _make_client(settings: S3Settings, timeout_s: float) -> Any:
+    import certifi
+    import urllib3
+    from minio import Minio
+
+    # retries=False: minio's default pool retries 5x internally, which would stack with (and slow) our backoff.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=10.0, read=timeout_s),
+        maxsize=10,
+        retries=False,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+    )
+    parts = urllib.parse.urlsplit(settings.endpoint_url)
+    return Minio(
+        parts.netloc,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+        session_token=settings.session_token,
+        secure=parts.scheme == "https",
+        region=settings.region,
+        http_client=http,
+    )
+
+
+class Storage:
+    """Read, write, list and copy local paths and s3:// URIs with the same calls.
+
+    Does no I/O until used. ``env`` replaces ``os.environ`` (read at each call); ``tries``, ``backoff_s``
+    and ``sleep`` bound and inject the retry backoff; ``part_size`` is the preferred multipart part size;
+    ``cache_dir`` is where ``open_local`` puts its temporary downloads (system temp dir by default).
+    """
+
+    join = staticmethod(join)
+
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        tries: int = 4,
+        backoff_s: float = 0.2,
+        sleep: Callable[[float], None] = time.sleep,
+        part_size: int = DEFAULT_PART_SIZE,
+        timeout_s: float = 300.0,
+        cache_dir: PathOrUri | None = None,
+    ):
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (the S3 minimum)")
+        self.tries, self.backoff_s, self.part_size, self.timeout_s = max(1, tries), backoff_s, part_size, timeout_s
+        self.cache_dir, self._env, self._sleep = cache_dir, env, sleep
+        self._cached: tuple[S3Settings, Any] | None = None
+
+    def _run(self, uri: str, operation: Callable[[Any], T]) -> T:
+        """``operation(client)`` with bounded backoff on transient failures; failures become UserErrors."""
+        settings = S3Settings.from_env(self._env)
+        if self._cached is None or self._cached[0] != settings:  # rebuilt when the environment changes
+            self._cached = (settings, _make_client(settings, self.timeout_s))
+        client = self._cached[1]
+        for attempt in range(1, self.tries + 1):
+            try:
+                return operation(client)
+            except Exception as exc:
+                kind = _classify(exc)
+                if kind is None:
+                    raise
+                if kind in _TRANSIENT and attempt < self.tries:
+                    self._sleep(self.backoff_s * 2 ** (attempt - 1))
+                    continue
+                raise self._user_error(uri, kind, exc, client, settings) from exc
+        raise AssertionError("unreachable")
+
+    def _user_error(self, uri: str, kind: str, exc: BaseException, client: Any, settings: S3Settings) -> UserError:
+        bucket, _ = parse_s3(uri)
+        if kind == "no_key":
+            with contextlib.suppress(Exception):  # a HEAD 404 does not say whether the bucket is missing
+                kind = kind if client.bucket_exists(bucket) else "no_bucket"
+        code = getattr(exc, "code", None) or getattr(exc, "status_code", None) or type(exc).__name__
+        messages = {
+            "denied": f"{uri}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+            "no_bucket": f"bucket '{bucket}' does not exist",
+            "no_key": f"{uri} does not exist",
+            "connect": f"cannot reach S3 endpoint {settings.endpoint_url} ({_reason(exc)}) after {self.tries} tries",
+            "integrity": f"{exc} (after {self.tries} tries)",
+            "server": f"{uri}: S3 server error {code} after {self.tries} tries",
+        }
+        return UserError(messages.get(kind, f"{uri}: S3 error {code}"))
+
+    @staticmethod
+    def _object(uri: str) -> tuple[str, str]:
+        bucket, key = parse_s3(uri)
+        if not key or key.endswith("/"):
+            raise UserError(f"{uri!r} names a folder, not an object")
+        if {".", ".."} & set(key.split("/")):  # minio refuses these, and they are traversal bait
+            raise UserError(f"{uri!r}: '.' and '..' are not allowed in object keys")
+        return bucket, key
+
+    def _put(self, uri: str, digests: _Digests, source: Path | bytes) -> None:
+        """Upload (multipart above the part size), then check the stored size, SHA256 and ETag."""
+        bucket, key = self._object(uri)
+
+        def put(client: Any) -> None:
+            meta, part = {_META_SHA256: digests.sha256}, digests.part_size
+            if isinstance(source, Path):
+                client.fput_object(bucket, key, str(source), metadata=meta, part_size=part)
+            else:
+                client.put_object(bucket, key, io.BytesIO(source), len(source), metadata=meta, part_size=part)
+            stat = client.stat_object(bucket, key)
+            etag = (stat.etag or "").strip('"').lower()
+            if stat.size != digests.size or (stat.metadata or {}).get(_META_SHA256, "").lower() != digests.sha256:
+                raise _IntegrityError(f"{uri}: stored size/sha256 differ from the local data after upload")
+            if _ETAG_RE.fullmatch(etag) and etag != digests.etag:  # the server's own checksum of what it got
+                raise _IntegrityError(f"{uri}: stored ETag {etag} differs from the local {digests.etag}")
+
+        self._run(uri, put)
+
+    def _fetch(self, uri: str, sink: BinaryIO) -> None:
+        """Stream one object into ``sink`` (rewound on each retry) and check its size and checksum."""
+        bucket, key = self._object(uri)
+
+        def fetch(client: Any) -> None:
+            sink.seek(0)
+            sink.truncate()
+            response = client.get_object(bucket, key)
+            try:
+                expected = _expected_checksums(response.headers)
+                hashers = {name: hashlib.new(name) for name in expected}
+                for chunk in response.stream(MIB):
+                    sink.write(chunk)
+                    for hasher in hashers.values():
+                        hasher.update(chunk)
+                length = response.headers.get("content-length")
+                if length is not None and int(length) != sink.tell():
+                    raise _IntegrityError(f"{uri}: got {sink.tell()} bytes, expected {length}")
+                if any(hashers[name].hexdigest() != value for name, value in expected.items()):
+                    raise _IntegrityError(f"{uri}: checksum mismatch after download")
+            finally:
+                response.close()
+                response.release_conn()
+
+        self._run(uri, fetch)
+
+    def _s3_objects(self, uri: str) -> dict[str, tuple[int, str]]:
+        """``{relative key: (size, etag)}`` for every object under the folder ``uri``."""
+        bucket, key = parse_s3(uri)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        items = self._run(uri, lambda client: list(client.list_objects(bucket, prefix=prefix, recursive=True)))
+        return {
+            item.object_name[len(prefix) :]: (item.size, (item.etag or "").strip('"').lower())
+            for item in items
+            if not item.is_dir and not item.object_name.endswith("/")
+        }
+
+    def exists(self, uri: PathOrUri) -> bool:
+        """True for an existing file/object or a non-empty folder; False if the bucket is missing."""
+        text = os.fspath(uri)
+        if not is_s3(text):
+            return Path(text).exists()
+        from minio.error import S3Error
+
+        bucket, key = parse_s3(text)
+        prefix = key if not key or key.endswith("/") else key + "/"
+
+        def probe(client: Any) -> bool:
+            try:
+                if key and not key.endswith("/"):
+                    try:
+                        client.stat_object(bucket, key)
+                        return True
+                    except S3Error as exc:  # not an object, but it may still be a folder
+                        if exc.code not in _MISSING_CODES:
+                            raise
+                return any(True for _ in client.list_objects(bucket, prefix=prefix, recursive=True))
+            except S3Error as exc:
+                if exc.code == "NoSuchBucket":
+                    return False
+                raise
+
+        return self._run(text, probe)
+
+    def read_bytes(self, uri: PathOrUri) -> bytes:
+        """The whole content of a file or object."""
+        text = os.fspath(uri)
+        if not is_s3(text):
+            with _local_errors(text):
+                return Path(text).read_bytes()
+        buffer = io.BytesIO()
+        self._fetch(text, buffer)
+        return buffer.getvalue()
+
+    def write_bytes(self, uri: PathOrUri, data: bytes) -> None:
+        """Write a whole file/object: atomically for local paths (temp + os.replace), verified for S3."""
+        text, data = os.fspath(uri), bytes(data)
+        if is_s3(text):
+            return self._put(text, _digests(io.BytesIO(data), len(data), self.part_size), data)
+        with _local_errors(text), _atomic_target(Path(text)) as tmp:
+            tmp.write_bytes(data)
+
+    def download(self, uri: PathOrUri, local_path: PathOrUri) -> Path:
+        """Copy a file/object to a local path atomically (parents created); returns the local path."""
+        text, target = os.fspath(uri), Path(local_path)
+        if is_s3(local_path):
+            raise UserError(f"download target {os.fspath(local_path)!r} must be a local path")
+        if is_s3(text):
+            self._object(text)
+        with _local_errors(text), _atomic_target(target) as tmp:
+            if not is_s3(text):
+                shutil.copy2(text, tmp)
+            else:
+                with open(tmp, "wb") as sink:
+                    self._fetch(text, sink)
+        return target
+
+    def upload(self, local_path: PathOrUri, uri: PathOrUri) -> None:
+        """Copy a local file to a path/object; S3 uploads are multipart above ``part_size`` and verified."""
+        if is_s3(local_path):
+            raise UserError(f"upload source {os.fspath(local_path)!r} must be a local path")
+        src, text = Path(local_path), os.fspath(uri)
+        if is_s3(text):
+            return self._put(text, _file_digests(src, self.part_size), src)
+        with _local_errors(src), _atomic_target(Path(text)) as tmp:
+            shutil.copy2(src, tmp)
+
+    def list(self, prefix_uri: PathOrUri) -> list[str]:
+        """Every file/object under a folder (recursive, sorted), as paths/URIs; [] if there are none."""
+        text = os.fspath(prefix_uri)
+        if not is_s3(text):
+            return [str(path) for path in _local_files(Path(text))]
+        base = text if text.endswith("/") else text + "/"
+        return [base + rel for rel in sorted(self._s3_objects(text))]
+
+    def delete(self, uri: PathOrUri) -> None:
+        """Delete one file/object; deleting a missing one is not an error (as in S3)."""
+        text = os.fspath(uri)
+        if not is_s3(text):
+            with _local_errors(text):
+                return Path(text).unlink(missing_ok=True)
+        bucket, key = self._object(text)
+        self._run(text, lambda client: client.remove_object(bucket, key))
+
+    @contextlib.contextmanager
+    def open_local(self, uri: PathOrUri) -> Iterator[Path]:
+        """A local path with the content of ``uri``: the path itself, or a temp download deleted on exit."""
+        text = os.fspath(uri)
+        if not is_s3(text):
+            if not Path(text).exists():
+                raise UserError(f"{text} does not exist")
+            yield Path(text)
+            return
+        _, key = self._object(text)
+        with tempfile.TemporaryDirectory(prefix="lora-moe-s3-", dir=self.cache_dir) as tmp:
+            yield self.download(text, Path(tmp) / Path(key).name)
+
+    def sync_dir_to(self, local_dir: PathOrUri, uri: PathOrUri) -> list[str]:
+        """Copy files under ``local_dir`` to ``uri/<rel>`` unless identical there (size+ETag, or size+mtime
+        locally); never deletes; returns the relative paths copied."""
+        src, text = Path(local_dir), os.fspath(uri)
+        if is_s3(local_dir) or not src.is_dir():
+            raise UserError(f"{os.fspath(local_dir)} is not a local directory")
+        if not is_s3(text):
+            return _sync_local(src, Path(text))
+        remote, copied = self._s3_objects(text), []
+        for path in _local_files(src):
+            rel, digests = path.relative_to(src).as_posix(), _file_digests(path, self.part_size)
+            if remote.get(rel) != (digests.size, digests.etag):
+                self._put(join(text, rel), digests, path)
+                copied.append(rel)
+        return copied
+
+    def sync_dir_from(self, uri: PathOrUri, local_dir: PathOrUri) -> list[str]:
+        """Copy everything under ``uri`` into ``local_dir`` unless identical there (as ``sync_dir_to``), refusing
+        keys that would land outside it; never deletes; returns the relative paths copied."""
+        text, dst = os.fspath(uri), Path(local_dir)
+        if not is_s3(text):
+            if not Path(text).is_dir():
+                raise UserError(f"{text} is not a directory")
+            return _sync_local(Path(text), dst)
+        copied = []
+        for rel, (size, etag) in sorted(self._s3_objects(text).items()):
+            target = resolve_under(dst, rel)
+            if target.is_file() and target.stat().st_size == size:
+                if _file_digests(target, self.part_size).etag == etag:
+                    continue
+            self.download(join(text, rel), target)
+            copied.append(rel)
+        return copied
