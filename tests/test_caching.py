@@ -156,3 +156,19 @@ def test_s3_errors_are_one_line(dataset, s3_env, monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     err = _one_line_error(capsys, ["label", "--dataset", "s3://test/data", "--output", "x.jsonl"])
     assert "access denied" in err and "wrong-secret" not in err
+
+
+@pytest.mark.parametrize("fallback", ["motion", "uniform"])
+def test_clips_without_tip_boxes_use_the_roi_fallback(dataset, tmp_path, fallback):
+    out = tmp_path / "cache"
+    argv = ["cache", "--dataset", str(dataset / "dataset.toml"), "--task", "tiny", "--output", str(out),
+            "--roi_fallback", fallback, "--shard", "0/4", *CLIP]  # fmt: skip
+    assert main(argv) == 0  # a musubi video_directory dataset: captions from .txt files, no boxes
+    (latent,) = out.glob("*_wan.safetensors")
+    with safe_open(str(latent), framework="pt") as handle:
+        weights = handle.get_tensor("roi_weights_5x6x8")
+        assert handle.metadata()["lora_moe.roi_source"] == fallback
+    if fallback == "uniform":
+        assert weights.eq(1).all()
+    else:
+        assert weights.max().item() == pytest.approx(4.0) and weights.min().item() >= 1.0
