@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -179,6 +181,13 @@ def _train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from lora_moe_core.training.run import run_training
+
+    run_training(config_from_args(args))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from lora_moe_core.demo import run_demo
 
@@ -262,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--seed", type=int, default=0, help="random seed")
     classifier.set_defaults(handler=_train_classifier)
 
+    train = commands.add_parser("train", help="train Stage 1 (stage_a), Stage 2 (stage_b) or Stage 3 (stage_c)")
+    add_config_flags(train)
+    train.set_defaults(handler=_train)
+
     demo = commands.add_parser("demo", help="tiny end-to-end demo on CPU (what `make run` runs)")
     demo.add_argument("--output_dir", default="outputs/demo", help="where the demo writes its files")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
@@ -272,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (2 for any user error)."""
     args = build_parser().parse_args(argv)
+    # MLflow announces database migrations at INFO on stderr (it configures its logger when imported, later):
+    # keep stderr for our one-line errors and warnings unless the user asked for MLflow's INFO lines
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

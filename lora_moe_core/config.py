@@ -71,6 +71,7 @@ class LoRAMoEConfig(_Section):
     expert_alpha: float | None = Field(None, gt=0, description="expert LoRA alpha (unset = lora.lora_alpha)")
     use_base_lora: bool = Field(True, description="keep the Stage-1 LoRA as a frozen base branch")
     base_lora_weights: str | None = Field(None, description="Stage-1 LoRA file (musubi, ComfyUI or diffusers keys)")
+    lora_moe_weights: str | None = Field(None, description="Stage-2 checkpoint to start from (stage_c: router only)")
     alpha_base: float = Field(1.0, ge=0, description="multiplier of the frozen base LoRA branch (seed inference 0.7)")
     alpha_expert: float = Field(1.0, ge=0, description="multiplier of the gated expert branches")
 
@@ -131,6 +132,9 @@ class LossConfig(_Section):
     weight_temporal: float = Field(0.5, ge=0, description="weight of the temporal loss")
     weight_routing_entropy: float = Field(0.02, ge=0, description="weight of the per-sample routing entropy loss")
     weight_routing_load_balance: float = Field(0.1, ge=0, description="weight of the load-balance loss")
+    classifier_weights: str | None = Field(
+        None, description="instrument classifier: identity loss, teacher logits for captions naming nothing"
+    )
     balance_target: Literal["uniform", "dataset"] = Field(
         "uniform", description="balance usage towards uniform or towards the dataset's family frequencies"
     )
@@ -156,6 +160,12 @@ class TrainingConfig(_Section):
     discrete_flow_shift: float = Field(12.0, gt=0, description="shift of the timestep sampler (12 = A14B inference)")
     save_every_n_steps: int | None = Field(None, ge=1, description="write a checkpoint every N optimizer steps")
     output_dir: str = Field("outputs/lora_moe_stage_b", description="run folder for checkpoints and state")
+    cache: str | None = Field(None, description="latent cache folder or s3:// prefix (from `lora-moe cache`)")
+    resume: str | None = Field(None, description="auto (latest save in output_dir) or a training_state_step_N.json")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    experiment: str = Field("lora-moe", description="MLflow experiment name")
 
 
 class Config(_Section):

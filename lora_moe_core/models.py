@@ -198,3 +198,29 @@ def latent_stats(vae: nn.Module, device: torch.device | str) -> tuple[torch.Tens
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     return mean, std
+
+
+def load_dits(task: str, model: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """The DiT(s): ``{"high": transformer, "low": transformer_2}`` for Wan2.2-A14B (frozen, eval).
+
+    ``tiny`` without ``model`` builds the same random pair :func:`save_tiny_model` writes.
+    """
+    from diffusers import WanTransformer3DModel
+
+    if model is None:
+        if task != "tiny":
+            raise UserError(f"--model is required for {task}: a diffusers-layout Wan2.2 folder (local or s3://)")
+        dits = {"high": build_transformer("tiny", seed=0, dtype=dtype),
+                "low": build_transformer("tiny", seed=1, dtype=dtype)}  # fmt: skip
+    else:
+        folder = resolve_model_folder(model)
+        try:
+            dits = {"high": WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)}
+            if (folder / "transformer_2").is_dir():
+                dits["low"] = WanTransformer3DModel.from_pretrained(folder / "transformer_2", torch_dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load the DiT from {folder}: {str(exc).splitlines()[0]}") from None
+    for dit in dits.values():
+        dit.eval().requires_grad_(False)
+    dits.setdefault("low", dits["high"])  # a single-DiT model serves both noise regimes
+    return dits

@@ -19,7 +19,7 @@ from lora_moe_core.inject import unwrap_linears, wrap_linears
 from lora_moe_core.layers import LoRALinear, LoRAWeights
 from lora_moe_core.lora_formats import LoRAModuleWeights
 from lora_moe_core.moe import ExpertLoRAWeights, LoRAMoELinear, RouteState
-from lora_moe_core.routing import GateStatistics, InstrumentRouter, TimestepGates, compute_gates
+from lora_moe_core.routing import GateStatistics, InstrumentRouter, TimestepGates, router_probabilities, top_k_gates
 
 
 def module_key(name: str) -> str:
@@ -120,7 +120,8 @@ class LoRAMoENetwork(nn.Module):
         self.gate_stats = GateStatistics(decay=config.gates.gate_ema_decay)
         self.route = RouteState(alpha_base=config.lora_moe.alpha_base)
         self.alpha_expert = config.lora_moe.alpha_expert
-        self.router_gates: torch.Tensor | None = None
+        self.router_gates: torch.Tensor | None = None  # [B, E] top-k gates of the current routing
+        self.router_probs: torch.Tensor | None = None  # [B, E] the dense distribution they came from
         self._hooks: dict[int, RemovableHandle] = {}
 
     # -- attaching to transformers -------------------------------------------------------------------------
@@ -166,7 +167,8 @@ class LoRAMoENetwork(nn.Module):
             instrument_logits, mode = torch.zeros(1, NUM_FAMILIES), "uniform"
         instrument_logits = instrument_logits.reshape(-1, NUM_FAMILIES).to(self.timestep_gates.logits.device)
         router = self.config.router
-        self.router_gates = compute_gates(instrument_logits, mode, self.router, router.router_temperature, router.top_k)
+        self.router_probs = router_probabilities(instrument_logits, mode, self.router, router.router_temperature)
+        self.router_gates = self.router_probs if mode == "uniform" else top_k_gates(self.router_probs, router.top_k)
         self.route.expert_scale = None  # recomputed from the timestep at the next forward
         return self.router_gates
 

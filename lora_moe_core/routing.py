@@ -65,6 +65,24 @@ def teacher_distribution(instrument_logits: torch.Tensor, temperature: float, la
     return (1 - label_smoothing) * probs + label_smoothing / probs.shape[-1]
 
 
+def router_probabilities(
+    instrument_logits: torch.Tensor, mode: str, router: InstrumentRouter | None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Dense routing distribution ``[B, E]`` before top-k (what the teacher KL and balance terms see)."""
+    if mode == "uniform":
+        return torch.full((instrument_logits.shape[0], NUM_FAMILIES), 1.0 / NUM_FAMILIES,
+                          device=instrument_logits.device)  # fmt: skip
+    if mode == "learned":
+        if router is None:
+            raise ValueError("learned routing needs a router")
+        scores = router(instrument_logits.float())
+    elif mode == "rule_based":
+        scores = instrument_logits.float()
+    else:
+        raise ValueError(f"unknown routing mode '{mode}'; valid: {', '.join(ROUTING_MODES)}")
+    return torch.softmax(scores / temperature, dim=-1)
+
+
 def compute_gates(
     instrument_logits: torch.Tensor,
     mode: str,
@@ -81,18 +99,8 @@ def compute_gates(
         temperature: softmax temperature.
         top_k: experts kept per sample (uniform routing is dense).
     """
-    if mode == "uniform":
-        batch = instrument_logits.shape[0]
-        return instrument_logits.new_full((batch, NUM_FAMILIES), 1.0 / NUM_FAMILIES).float()
-    if mode == "learned":
-        if router is None:
-            raise ValueError("learned routing needs a router")
-        scores = router(instrument_logits.float())
-    elif mode == "rule_based":
-        scores = instrument_logits.float()
-    else:
-        raise ValueError(f"unknown routing mode '{mode}'; valid: {', '.join(ROUTING_MODES)}")
-    return top_k_gates(torch.softmax(scores / temperature, dim=-1), top_k)
+    probs = router_probabilities(instrument_logits, mode, router, temperature)
+    return probs if mode == "uniform" else top_k_gates(probs, top_k)
 
 
 class TimestepGates(nn.Module):
@@ -153,4 +161,5 @@ class GateStatistics(nn.Module):
 
     def smoothed_usage(self, gates: torch.Tensor) -> torch.Tensor:
         """``d·usage.detach() + (1−d)·mean_b g_b``: windowed usage that still carries this batch's gradient."""
-        return self.decay * self.usage.detach() + (1 - self.decay) * gates.float().mean(dim=0)
+        # clone: update() changes the buffer in place before backward runs
+        return self.decay * self.usage.detach().clone() + (1 - self.decay) * gates.float().mean(dim=0)

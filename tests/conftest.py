@@ -7,6 +7,7 @@ import torch
 
 from lora_moe_core.config import Config, load_config
 from lora_moe_core.wan import build_transformer
+from tests.mlflow_server import mlflow_s3_server, mlflow_server  # noqa: F401  (real MLflow server)
 from tests.s3_server import s3_env, s3_server  # noqa: F401  (real SeaweedFS S3 for the storage tests)
 
 
@@ -33,3 +34,17 @@ def tiny_inputs() -> dict[str, torch.Tensor]:
         "timestep": torch.tensor([950.0, 300.0]),  # one high-noise, one low-noise sample
         "encoder_hidden_states": torch.randn(2, 12, 16, generator=generator),  # [B, L, text_dim]
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> str:
+    """8 synthetic clips (64×48, 17 frames) cached for the tiny model: the training tests' dataset."""
+    from lora_moe_core.cli import main
+    from lora_moe_core.synth import generate_dataset
+
+    folder = tmp_path_factory.mktemp("train-data")
+    generate_dataset(folder / "data", 8, seed=0, width=64, height=48, num_frames=17)
+    argv = ["cache", "--dataset", str(folder / "data"), "--task", "tiny", "--output", str(folder / "cache"),
+            "--target_frames", "17"]  # fmt: skip
+    assert main(argv) == 0
+    return str(folder / "cache")

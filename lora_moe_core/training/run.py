@@ -1,0 +1,104 @@
+"""`lora-moe train`: wire the config, the cache, the DiTs, a recipe, tracking and the loop together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lora_moe_core.config import Config
+from lora_moe_core.errors import UserError
+from lora_moe_core.families import FAMILIES
+from lora_moe_core.latent_cache import CacheEntry, read_cache
+from lora_moe_core.training import state as run_state
+from lora_moe_core.training.loop import TrainingLoop
+from lora_moe_core.training.recipes import Stage1Recipe, Stage2Recipe
+
+FINAL_NAMES = {"stage_a": "lora_final.safetensors", "stage_b": "lora_moe_final.safetensors",
+               "stage_c": "lora_moe_final.safetensors"}  # fmt: skip
+
+
+def family_prior(entries: list[CacheEntry]) -> torch.Tensor:
+    """Square-root-tempered family frequencies of the captions: the balance target for imbalanced data."""
+    counts = torch.stack([e.labels for e in entries]).sum(dim=0) + 1.0
+    tempered = counts.sqrt()
+    return tempered / tempered.sum()
+
+
+def _check_entries(config: Config, entries: list[CacheEntry]) -> None:
+    if config.training.training_stage == "stage_a":
+        return
+    labelled = sum(e.labelled for e in entries)
+    if labelled == 0 and not config.loss.classifier_weights:
+        raise UserError(f"none of the {len(entries)} cached clips has an instrument label: Stage 2 routes by them "
+                        "(label the captions before caching, or give --classifier_weights)")  # fmt: skip
+
+
+def _device(accelerator) -> torch.device:
+    return accelerator.device if accelerator is not None else torch.device("cpu")
+
+
+def run_training(config: Config) -> Path:
+    """Train one stage as configured; returns the final checkpoint path."""
+    from accelerate import Accelerator
+
+    from lora_moe_core.models import load_dits
+    from lora_moe_core.tracking import NullTracker, start_tracker
+
+    training = config.training
+    if not training.cache:
+        raise UserError("no latent cache given: pass --cache DIR|s3://… (made by `lora-moe cache`)")
+    torch.manual_seed(training.seed)
+    entries = read_cache(training.cache)
+    _check_entries(config, entries)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = _device(accelerator)
+    dits = {name: dit.to(device) for name, dit in load_dits(config.model.task, config.model.model).items()}
+    recipe = _recipe(config, dits, device, entries)
+    if accelerator.num_processes > 1:
+        recipe.gather = accelerator.gather  # gate statistics over every rank's samples
+    output_dir = Path(training.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracker = NullTracker()
+    if accelerator.is_main_process:
+        tracker = start_tracker(run_name=f"{training.training_stage}-{output_dir.name}",
+                                experiment=training.experiment, output_dir=output_dir,
+                                tags={"stage": training.training_stage, "task": config.model.task})  # fmt: skip
+    loop = TrainingLoop(config, recipe, entries, output_dir, tracker, device, accelerator.process_index,
+                        accelerator.num_processes)  # fmt: skip
+    if training.resume:
+        marker = run_state.find_resume(output_dir, training.resume)
+        if marker is not None:
+            loop.resume(marker)
+        else:
+            print(f"--resume {training.resume}: no earlier save in {output_dir}, starting fresh")
+    try:
+        final = loop.run()
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close("FINISHED")
+    if accelerator.is_main_process:
+        for record in loop.state.history:
+            print(_epoch_line(record))
+        print(f"wrote {final}")
+    return final
+
+
+def _recipe(config: Config, dits, device: torch.device, entries: list[CacheEntry]):
+    if config.training.training_stage == "stage_a":
+        return Stage1Recipe(config, dits, device)
+    classifier = None
+    if config.loss.classifier_weights:
+        from lora_moe_core.classifier import load_classifier
+
+        classifier = load_classifier(config.loss.classifier_weights)
+    return Stage2Recipe(config, dits, device, classifier=classifier, family_prior=family_prior(entries))
+
+
+def _epoch_line(record: dict[str, float]) -> str:
+    parts = [f"epoch {int(record['epoch'])}", f"loss {record.get('loss', float('nan')):.4f}"]
+    if "routing_accuracy" in record:
+        usage = " ".join(f"{name[:3]} {record[f'usage.{name}']:.2f}" for name in FAMILIES)
+        parts += [f"roi {record['roi_loss']:.4f}", f"routing acc {record['routing_accuracy']:.2f}", f"usage {usage}"]
+    return ", ".join(parts)
