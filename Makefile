@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format clean
+.PHONY: help install run test test-deps lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 run: install ## tiny end-to-end demo on CPU (writes outputs/demo)
 	$(BIN)/lora-moe demo --output_dir outputs/demo
 
-test: install ## the test suite (CPU, tiny models)
+test: install test-deps ## the test suite (CPU, tiny models, real S3/MLflow servers, headless Chromium)
 	$(BIN)/pytest
+
+test-deps: ## Debian chromium for the report test (installed when missing and running as root)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "missing Debian chromium: sudo apt-get install chromium"; exit 1; fi; }
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check lora_moe_core tests

@@ -188,6 +188,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from lora_moe_core.evaluate_run import EvaluationSettings, run_evaluation
+
+    settings = EvaluationSettings(task=args.task, lora_moe_weights=args.lora_moe_weights,
+                                  base_lora_weights=args.base_lora_weights, cache=args.cache,
+                                  output_dir=args.output_dir, model=args.model,
+                                  classifier_weights=args.classifier_weights,
+                                  samples_per_family=args.samples_per_family, sample_steps=args.sample_steps,
+                                  sample_size=tuple(args.sample_size), seed=args.seed)  # fmt: skip
+    metrics = run_evaluation(settings)
+    for key in ("routing.accuracy", *(f"val_loss.{f}.stage2" for f in ("Scissors", "Hook", "Suction", "Other"))):
+        if key in metrics:
+            print(f"{key} = {metrics[key]:.4f}")
+    print(f"wrote {args.output_dir}/metrics.json and {args.output_dir}/report.html")
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    from lora_moe_core.registry import register_checkpoint
+
+    version = register_checkpoint(args.lora_moe_weights, args.name, args.work_dir, experiment=args.experiment,
+                                  alias=args.alias)  # fmt: skip
+    print(f"registered {args.name} version {version} (alias '{args.alias}')")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from lora_moe_core.inference import run_infer
+
+    run_infer(args)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from lora_moe_core.demo import run_demo
 
@@ -274,6 +307,56 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train Stage 1 (stage_a), Stage 2 (stage_b) or Stage 3 (stage_c)")
     add_config_flags(train)
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="held-out metrics, routing report, samples, report.html")
+    evaluate.add_argument("--task", choices=("tiny", "t2v-A14B"), default="t2v-A14B", help="model family")
+    evaluate.add_argument("--model", help="diffusers-layout Wan2.2 folder, local or s3:// (required for t2v-A14B)")
+    evaluate.add_argument("--lora_moe_weights", required=True, help="Stage-2 checkpoint")
+    evaluate.add_argument("--base_lora_weights", help="Stage-1 LoRA (any format), evaluated as 'stage1'")
+    evaluate.add_argument("--cache", required=True, help="held-out latent cache with labels (local or s3://)")
+    evaluate.add_argument("--output_dir", required=True, help="folder for metrics.json, plots, report.html")
+    evaluate.add_argument("--classifier_weights", help="instrument classifier (presence check, Fréchet features)")
+    evaluate.add_argument("--samples_per_family", type=int, default=1, help="generated clips per family (0: none)")
+    evaluate.add_argument("--sample_steps", type=int, default=8, help="denoising steps of the sample clips")
+    evaluate.add_argument("--sample_size", type=int, nargs=3, default=[64, 64, 17], metavar=("W", "H", "F"),
+                          help="sample clip width, height, frames")
+    evaluate.add_argument("--seed", type=int, default=0, help="noise seed of the fixed (t, noise) pairs")
+    evaluate.set_defaults(handler=_evaluate)
+
+    register = commands.add_parser("register", help="register a Stage-2 checkpoint in the MLflow model registry")
+    register.add_argument("--lora_moe_weights", required=True, help="Stage-2 checkpoint")
+    register.add_argument("--name", default="lora-moe-surgical", help="registered model name")
+    register.add_argument("--alias", default="candidate", help="alias set on the new version")
+    register.add_argument("--experiment", default="lora-moe", help="MLflow experiment of the registering run")
+    register.add_argument("--work_dir", required=True, help="folder for the packaged model")
+    register.set_defaults(handler=_register)
+
+    infer = commands.add_parser("infer", help="generate videos with a LoRA-MoE (routing: hint, prompt, classifier)")
+    infer.add_argument("--lora_moe_weights", help="Stage-2/3 checkpoint (default: the base model)")
+    infer.add_argument("--prompt", help="text prompt (or --prompts_file)")
+    infer.add_argument("--prompts_file", help=".txt (one prompt a line) or .jsonl (prompt, instrument_hint, seed, ...)")
+    infer.add_argument("--instrument_hint", help="route to these families, e.g. Hook/Electrocautery or Hook+Suction")
+    infer.add_argument("--reference_video", help="mp4 the classifier routes by when hint and prompt name nothing")
+    infer.add_argument("--classifier_weights", help="instrument classifier for --reference_video")
+    infer.add_argument("--alpha_base", type=float, default=0.7, help="base LoRA multiplier (seed: 0.7)")
+    infer.add_argument("--alpha_expert", type=float, default=1.0, help="expert multiplier (seed: 1.0)")
+    infer.add_argument("--output_path", default="output.mp4", help="video of --prompt; gates in <stem>.gates.json")
+    infer.add_argument("--output_dir", default="outputs/infer", help="folder of the --prompts_file videos")
+    infer.add_argument("--task", choices=("tiny", "t2v-A14B"), help="model family (default: the checkpoint's)")
+    infer.add_argument("--model", help="diffusers-layout Wan2.2 folder, local or s3:// (required for t2v-A14B)")
+    infer.add_argument("--seed", type=int, default=0, help="noise seed")
+    infer.add_argument("--num_inference_steps", type=int, default=40, help="UniPC steps")
+    infer.add_argument("--guidance_scale", type=float, default=4.0, help="CFG scale of the high-noise DiT")
+    infer.add_argument("--guidance_scale_2", type=float, default=3.0, help="CFG scale of the low-noise DiT")
+    infer.add_argument("--flow_shift", type=float, default=12.0, help="UniPC flow shift (A14B T2V: 12)")
+    infer.add_argument("--height", type=int, default=480, help="multiple of 16")
+    infer.add_argument("--width", type=int, default=832, help="multiple of 16")
+    infer.add_argument("--num_frames", type=int, default=81, help="4k+1 frames at 16 fps")
+    infer.add_argument("--negative_prompt", default=None, help="default: Wan's own negative prompt; '' for none")
+    infer.add_argument("--merge", action="store_true", help="fold the adapters into the DiT weights per route")
+    infer.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    infer.add_argument("--dtype", choices=DTYPES, help="DiT dtype (default: bf16 on cuda, fp32 on cpu)")
+    infer.set_defaults(handler=_infer)
 
     demo = commands.add_parser("demo", help="tiny end-to-end demo on CPU (what `make run` runs)")
     demo.add_argument("--output_dir", default="outputs/demo", help="where the demo writes its files")

@@ -58,6 +58,20 @@ class LoRANetwork(nn.Module):
             check_module_shape(name, shapes, *shapes.get(name, (0, 0)))
             self.loras[module_key(name)] = LoRAWeights(*shapes[name], rank=rank, alpha=alpha)
 
+    @classmethod
+    def from_modules(cls, modules: dict[str, LoRAModuleWeights], shapes: dict[str, tuple[int, int]]) -> LoRANetwork:
+        """A network holding a LoRA file's weights (any subset of modules, per-module rank and alpha)."""
+        network = cls({}, shapes, alpha=1.0)
+        for name, weights in modules.items():
+            rank, in_features = weights.down.shape
+            check_module_shape(name, shapes, in_features, weights.up.shape[0])
+            lora = LoRAWeights(in_features, weights.up.shape[0], rank, weights.alpha)
+            with torch.no_grad():
+                lora.lora_A.copy_(weights.down.float())
+                lora.lora_B.copy_(weights.up.float())
+            network.loras[module_key(name)] = lora
+        return network.requires_grad_(False)
+
     def apply_to(self, transformer: nn.Module, multiplier: float = 1.0) -> None:
         """Wrap the target linears of ``transformer`` with :class:`LoRALinear` sharing this network's weights."""
         names = [module_name(key) for key in self.loras]

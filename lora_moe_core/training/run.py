@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -61,9 +62,11 @@ def run_training(config: Config) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     tracker = NullTracker()
     if accelerator.is_main_process:
+        # a pipeline step runs as a child of the pipeline's MLflow run (components set MLFLOW_PARENT_RUN_ID)
         tracker = start_tracker(run_name=f"{training.training_stage}-{output_dir.name}",
                                 experiment=training.experiment, output_dir=output_dir,
-                                tags={"stage": training.training_stage, "task": config.model.task})  # fmt: skip
+                                tags={"stage": training.training_stage, "task": config.model.task},
+                                parent_run_id=os.environ.get("MLFLOW_PARENT_RUN_ID") or None)  # fmt: skip
     loop = TrainingLoop(config, recipe, entries, output_dir, tracker, device, accelerator.process_index,
                         accelerator.num_processes)  # fmt: skip
     if training.resume:

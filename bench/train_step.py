@@ -1,0 +1,241 @@
+"""Training-step benchmark at WAN2.2-A14B scale: our Stage-2 step vs diffusers+peft vanilla LoRA vs full backprop.
+
+    python bench/train_step.py                    # A14B DiT, 480×832×81 (32,760 tokens), bf16, on the GPU
+    python bench/train_step.py --smoke            # tiny model on CPU: keeps the script working in CI
+
+Modes (each on a freshly built DiT with random bf16 weights, gradient checkpointing on, batch 1):
+  full   the seed's targets with peft, but backward through all 40 blocks (input requires grad: musubi-tuner)
+  peft   diffusers + peft vanilla LoRA on the seed's targets (backward stops at the first adapted block)
+  ours   our Stage-2 step: base LoRA + 4 fused experts + router + timestep gates, every loss of the seed on
+  loop   ours with a per-expert Python loop instead of the fused product pair (the design we rejected)
+  compiled, peft_compiled   ours / peft with regional torch.compile of the repeated DiT blocks
+Prints s/step (median), peak GiB, achieved TFLOP/s on the FLOPs that must be done, and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_moe_core.config import load_config  # noqa: E402
+from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, write_lora  # noqa: E402
+from lora_moe_core.wan import get_task, linear_shapes, resolve_targets  # noqa: E402
+
+
+def build_dit(task: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A14B-sized (or tiny) DiT with random weights created directly on the device in ``dtype``."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            dit = WanTransformer3DModel(**get_task(task).transformer_config)
+    finally:
+        torch.set_default_dtype(previous)
+    dit.requires_grad_(False).train()
+    dit.enable_gradient_checkpointing()
+    return dit
+
+
+def flops_per_step(task: str, tokens: int, text_tokens: int, trained_blocks: int) -> float:
+    """FLOPs that must be done: forward of every block, recompute + backward (2× forward) of the adapted ones."""
+    cfg = get_task(task).transformer_config
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    ffn, text = cfg["ffn_dim"], cfg["text_dim"]
+    linear = 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * ffn) + 2 * text_tokens * 2 * d * d  # self, cross q/o, ffn, kv
+    attention = 4 * tokens * tokens * d + 4 * tokens * text_tokens * d
+    per_block = linear + attention
+    embed = 2 * text_tokens * (text * d + d * d)
+    return cfg["num_layers"] * per_block + embed + trained_blocks * 3 * per_block
+
+
+def random_stage1(task: str, shapes: dict, config, folder: Path) -> Path:
+    targets = resolve_targets(config.lora, get_task(task).transformer_config["num_layers"])
+    generator = torch.Generator().manual_seed(1)
+    modules = {name: LoRAModuleWeights(torch.randn(rank, shapes[name][0], generator=generator) * 0.01,
+                                       torch.randn(shapes[name][1], rank, generator=generator) * 0.01, 1.0)
+               for name, rank in targets.items()}  # fmt: skip
+    path = folder / "stage1.safetensors"
+    write_lora(LoRAFile(modules=modules), path, to="musubi")
+    return path
+
+
+def _inputs(task: str, frames: int, height: int, width: int, device: torch.device):
+    cfg = get_task(task).transformer_config
+    generator = torch.Generator().manual_seed(2)
+    latent_shape = (1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)
+    latents = torch.randn(latent_shape, generator=generator).to(device)
+    text = torch.randn(1, 512, cfg["text_dim"], generator=generator).to(device)
+    return latents, text
+
+
+def run_peft(task, dit, config, latents, text, full_backprop: bool, dtype):
+    from peft import LoraConfig
+
+    targets = resolve_targets(config.lora, len(dit.blocks))
+    lora = LoraConfig(r=config.lora.lora_dim, lora_alpha=config.lora.lora_alpha, target_modules=list(targets),
+                      rank_pattern={name: rank for name, rank in targets.items()}, init_lora_weights=True)  # fmt: skip
+    dit.add_adapter(lora)
+    params = [p for p in dit.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    generator = torch.Generator().manual_seed(3)
+
+    def step():
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        t = torch.rand(1, generator=generator).to(latents.device)
+        x_t = (1 - t) * latents + t * noise
+        if full_backprop:
+            x_t.requires_grad_(True)  # musubi: backward through every block
+        with torch.autocast(latents.device.type, dtype=dtype, enabled=latents.device.type == "cuda"):
+            pred = dit(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, sum(p.numel() for p in params)
+
+
+def run_ours(task, dit, config, latents, text, loop_experts: bool, folder: Path):
+    from lora_moe_core.classifier import InstrumentClassifier
+    from lora_moe_core.training.data import Batch
+    from lora_moe_core.training.monitor import EpochStats
+    from lora_moe_core.training.recipes import Stage2Recipe
+
+    device = latents.device
+    stage1 = random_stage1(task, linear_shapes(dit), config, folder)
+    config = load_config(None, {**_overrides(config), "base_lora_weights": str(stage1)})
+    classifier = InstrumentClassifier().to(device)
+    recipe = Stage2Recipe(config, {"high": dit, "low": dit}, device, classifier=classifier)
+    if loop_experts:
+        _use_expert_loop(dit)
+    optimizer = torch.optim.AdamW(recipe.trainable_parameters(), lr=1e-5)
+    roi = torch.ones(latents.shape[0], *latents.shape[2:], device=device)
+    roi[..., : latents.shape[-2] // 4, : latents.shape[-1] // 4] = 4.0
+    batch = Batch(latents, roi, torch.tensor([[0.0, 1.0, 0.0, 0.0]], device=device),
+                  torch.tensor([[0.0, 1.0, 0.0, 0.0]], device=device), text, ["bench"])  # fmt: skip
+    counter = iter(range(10**9))
+
+    def step():
+        loss, _ = recipe.loss_step(batch, torch.Generator().manual_seed(next(counter)), 0.5, EpochStats())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, sum(p.numel() for p in recipe.trainable_parameters())
+
+
+def _overrides(config) -> dict:
+    return {"task": config.model.task, "mixed_precision": config.training.mixed_precision, "use_identity_loss": True,
+            "use_temporal_loss": True, "gradient_checkpointing": True}  # fmt: skip
+
+
+def _use_expert_loop(dit) -> None:
+    """Swap the fused expert product for a per-expert loop (same function, E small GEMM pairs)."""
+    from lora_moe_core.moe import LoRAMoELinear
+
+    def looped(self, x):
+        y = self.base_layer(x)
+        scale = self.rank_multipliers(self.route.expert_scale, self.route.alpha_base)
+        offset = 0
+        if self.base_lora is not None:
+            r = self.base_lora.rank
+            y = y + (x @ self.base_lora.lora_A.to(x.dtype).T) @ self.base_lora.lora_B.to(x.dtype).T * scale[0, 0]
+            offset = r
+        experts = self.experts
+        for e in range(experts.num_experts):
+            gate = scale[:, offset + e * experts.rank].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+            y = y + gate * ((x @ experts.lora_A[e].to(x.dtype).T) @ experts.lora_B[e].to(x.dtype).T)
+        return y
+
+    for module in dit.modules():
+        if isinstance(module, LoRAMoELinear) and module.experts is not None:
+            module.forward = looped.__get__(module)
+
+
+def measure(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float, float]:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = [], 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and shape on CPU")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--modes", default="full,peft,ours,loop")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    task, device = ("tiny", torch.device("cpu")) if args.smoke else ("t2v-A14B", torch.device("cuda"))
+    if args.smoke:
+        args.frames, args.height, args.width, args.steps, args.warmup = 5, 32, 32, 2, 1
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = load_config(None, {"task": task, "mixed_precision": "bf16" if device.type == "cuda" else "no"})
+    tokens = (1 + (args.frames - 1) // 4) * (args.height // 16) * (args.width // 16)
+    results = {}
+    folder = Path("/tmp/lora_moe_bench")
+    folder.mkdir(exist_ok=True)
+    for mode in args.modes.split(","):
+        dit = build_dit(task, device, dtype)
+        latents, text = _inputs(task, args.frames, args.height, args.width, device)
+        if mode in ("full", "peft", "peft_compiled"):
+            step, trainable = run_peft(task, dit, config, latents, text, mode == "full", torch.bfloat16)
+        else:
+            step, trainable = run_ours(task, dit, config, latents, text, mode == "loop", folder)
+        if mode.endswith("compiled"):
+            dit.compile_repeated_blocks()  # regional torch.compile of the 40 identical blocks
+        seconds, peak, loss = measure(step, args.warmup, args.steps, device)
+        blocks = len(dit.blocks) if mode == "full" else 8
+        flops = flops_per_step(task, tokens, 512, min(blocks, len(dit.blocks)))
+        results[mode] = {"s_per_step": seconds, "peak_gib": peak, "tflops": flops / seconds / 1e12,
+                         "trainable_params": trainable, "loss": loss}  # fmt: skip
+        print(f"{mode:5s} {seconds:8.3f} s/step  peak {peak:6.1f} GiB  {flops / seconds / 1e12:7.1f} TFLOP/s  "
+              f"trainable {trainable / 1e6:6.2f} M  loss {loss:.4f}", flush=True)  # fmt: skip
+        del dit, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\ndevice {name}, task {task}, {args.frames}x{args.height}x{args.width} = {tokens} tokens, torch {torch.__version__}")
+    if "ours" in results and "peft" in results:
+        print(f"ours / peft      = {results['ours']['s_per_step'] / results['peft']['s_per_step']:.3f}")
+    if "ours" in results and "full" in results:
+        print(f"full / ours      = {results['full']['s_per_step'] / results['ours']['s_per_step']:.2f}x faster")
+    if "loop" in results and "ours" in results:
+        print(f"loop / ours      = {results['loop']['s_per_step'] / results['ours']['s_per_step']:.3f}")
+    if "compiled" in results and "peft" in results:
+        print(f"compiled / peft  = {results['compiled']['s_per_step'] / results['peft']['s_per_step']:.3f}")
+        change = results["compiled"]["loss"] / results["ours"]["loss"] - 1 if "ours" in results else float("nan")
+        print(f"compiled loss vs plain bf16 on the same batch: {change:+.2%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "tokens": tokens, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

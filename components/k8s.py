@@ -1,0 +1,177 @@
+"""Where and how each task runs on the cluster: image, GPU node pool, resources, timeouts, retries, credentials.
+
+Everything cluster-specific is a compile-time :class:`ClusterSettings` (``lora-moe pipeline compile`` flags), so
+the same pipeline code compiles for any cluster. ``gpu_task`` is the one helper for GPU placement; ``cpu_task``
+places the small steps; ``use_credentials`` mounts the MinIO and MLflow secrets as environment variables, the
+only way credentials reach a step (never pipeline parameters). ``kfp.local`` ignores all of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from kfp import kubernetes
+
+from components import images
+
+# Secret key -> environment variable. The required keys must exist in the secret; the optional ones may be left out
+# (e.g. an MLflow server without authentication). manifests/ ships templates with these keys.
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                  "S3_ENDPOINT_URL": "S3_ENDPOINT_URL"}  # fmt: skip
+S3_SECRET_OPTIONAL_KEYS = {"AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"}
+MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
+MLFLOW_SECRET_OPTIONAL_KEYS = {key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                                    "MLFLOW_TRACKING_TOKEN")}  # fmt: skip
+
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_DURATION = re.compile(r"^\d+(s|m|h)$")
+EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+class SettingsError(ValueError):
+    """A cluster setting that Kubernetes would refuse (the CLI turns it into one ``error:`` line)."""
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """A pod toleration; no ``value`` means ``operator: Exists``."""
+
+    key: str
+    effect: str = "NoSchedule"
+    value: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Toleration:
+        """``KEY[=VALUE][:EFFECT]``, e.g. ``nvidia.com/gpu:NoSchedule`` or ``pool=a100:NoExecute``."""
+        spec, _, effect = text.partition(":")
+        key, has_value, value = spec.partition("=")
+        return cls(key=key, effect=effect or "NoSchedule", value=value if has_value else None)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Compile-time cluster knobs. Defaults fit a cluster with the NVIDIA GPU operator and tainted GPU nodes."""
+
+    image_tag: str = field(default_factory=images.default_tag)
+    image_registry: str = field(default_factory=images.default_registry)
+    accelerator_type: str = "nvidia.com/gpu"
+    gpu_node_selector: tuple[tuple[str, str], ...] = (("nvidia.com/gpu.present", "true"),)
+    gpu_tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu"),)
+    shm_size: str = "32Gi"  # memory-backed /dev/shm for data-loader workers and NCCL
+    gpu_cpu_request: str = "8"
+    gpu_memory_request: str = "96Gi"  # A14B: two 14B DiTs are loaded through host memory
+    cpu_cpu_request: str = "1"
+    cpu_memory_request: str = "4Gi"
+    train_timeout_s: int = 3 * 24 * 3600
+    gpu_timeout_s: int = 12 * 3600
+    cpu_timeout_s: int = 3600
+    gpu_retries: int = 2  # pre-empted (spot) GPU nodes: the step runs again
+    retry_backoff: str = "120s"
+    s3_secret: str = "lora-moe-s3"
+    mlflow_secret: str = "lora-moe-mlflow"
+    image_pull_secrets: tuple[str, ...] = ()
+
+    def image(self, name: str) -> str:
+        return images.image_ref(name, self.image_tag, self.image_registry)
+
+    @property
+    def trainer_image(self) -> str:
+        return self.image(images.TRAINER)
+
+    @property
+    def light_image(self) -> str:
+        return self.image(images.LIGHT)
+
+    def validate(self) -> ClusterSettings:
+        """Raise :class:`SettingsError` (one line) on anything Kubernetes or the registry would refuse."""
+        if not images.TAG_PATTERN.match(self.image_tag):
+            raise SettingsError(f"invalid image tag {self.image_tag!r}: letters, digits, '_', '.', '-', at most 128")
+        if not self.image_registry or any(c.isspace() for c in self.image_registry):
+            raise SettingsError(f"invalid image registry {self.image_registry!r}")
+        for what, name in (("MinIO/S3 credentials secret", self.s3_secret),
+                           ("MLflow credentials secret", self.mlflow_secret),
+                           *(("image pull secret", n) for n in self.image_pull_secrets)):  # fmt: skip
+            _check_dns1123(what, name)
+        for key, value in self.gpu_node_selector:
+            _check_label(key, value)
+        for toleration in self.gpu_tolerations:
+            _check_label(toleration.key, toleration.value or "")
+            if toleration.effect not in EFFECTS:
+                raise SettingsError(f"toleration effect {toleration.effect!r} is not one of {', '.join(EFFECTS)}")
+        for what, quantity in (("shm size", self.shm_size), ("GPU-step CPU request", self.gpu_cpu_request),
+                               ("GPU-step memory request", self.gpu_memory_request),
+                               ("CPU-step CPU request", self.cpu_cpu_request),
+                               ("CPU-step memory request", self.cpu_memory_request)):  # fmt: skip
+            if not _QUANTITY.match(quantity):
+                raise SettingsError(f"{what} {quantity!r} is not a Kubernetes quantity (e.g. 500m, 8, 64Gi)")
+        if min(self.train_timeout_s, self.gpu_timeout_s, self.cpu_timeout_s) <= 0 or self.gpu_retries < 0:
+            raise SettingsError("timeouts must be > 0 seconds and retries >= 0")
+        if not _DURATION.match(self.retry_backoff):
+            raise SettingsError(f"retry backoff {self.retry_backoff!r} must look like 120s, 5m or 1h")
+        return self
+
+
+def _check_dns1123(what: str, name: str) -> None:
+    if not name or len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+        raise SettingsError(f"{what} name {name!r} is not a valid Kubernetes name "
+                            "(DNS-1123: lowercase letters, digits, '-' and '.', starting and ending alphanumeric)")  # fmt: skip
+
+
+def _check_label(key: str, value: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    if (not name or len(name) > 63 or not _LABEL_NAME.match(name)
+            or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))):  # fmt: skip
+        raise SettingsError(f"invalid node label key {key!r} (e.g. nvidia.com/gpu.present or cloud.google.com/gke-nodepool)")
+    if len(value) > 63 or not _LABEL_NAME.match(value):
+        raise SettingsError(f"invalid node label value {value!r} for {key!r} (at most 63 of A-Z a-z 0-9 - _ .)")
+
+
+def _common(task, settings: ClusterSettings, image: str, timeout_s: int, caching: bool):
+    task.container_spec.image = image  # the compile's tag wins over the decorator's default
+    task.set_caching_options(caching)
+    kubernetes.set_timeout(task, timeout_s)
+    if settings.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(settings.image_pull_secrets))
+    return task
+
+
+def gpu_task(task, settings: ClusterSettings, gpus=1, timeout_s: int | None = None, caching: bool = False):
+    """Place ``task`` on the GPU pool: ``gpus`` accelerators (an int or a pipeline parameter), the pool's node
+    selector and tolerations, a memory-backed ``/dev/shm``, CPU/memory requests, a timeout, retries on failure
+    (pre-empted nodes), and the trainer image. Caching is off unless asked for."""
+    _common(task, settings, settings.trainer_image, timeout_s or settings.gpu_timeout_s, caching)
+    task.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(gpus)
+    task.set_cpu_request(settings.gpu_cpu_request).set_memory_request(settings.gpu_memory_request)
+    for key, value in settings.gpu_node_selector:
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in settings.gpu_tolerations:
+        operator = "Equal" if toleration.value is not None else "Exists"
+        kubernetes.add_toleration(task, key=toleration.key, operator=operator, value=toleration.value,
+                                  effect=toleration.effect)  # fmt: skip
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=settings.shm_size)  # fmt: skip
+    if settings.gpu_retries:
+        task.set_retry(num_retries=settings.gpu_retries, backoff_duration=settings.retry_backoff, backoff_factor=2.0)
+    return task
+
+
+def cpu_task(task, settings: ClusterSettings, image: str | None = None, caching: bool = False):
+    """Place a small step on any node: the light image (or ``image``), small requests, a short timeout."""
+    _common(task, settings, image or settings.light_image, settings.cpu_timeout_s, caching)
+    task.set_cpu_request(settings.cpu_cpu_request).set_memory_request(settings.cpu_memory_request)
+    task.set_retry(num_retries=1, backoff_duration="30s")
+    return task
+
+
+def use_credentials(task, settings: ClusterSettings, s3: bool = True, mlflow: bool = True):
+    """Mount the MinIO/S3 and MLflow secrets as environment variables (the only way credentials reach a step)."""
+    for wanted, secret, required, optional in ((s3, settings.s3_secret, S3_SECRET_KEYS, S3_SECRET_OPTIONAL_KEYS),
+                                               (mlflow, settings.mlflow_secret, MLFLOW_SECRET_KEYS,
+                                                MLFLOW_SECRET_OPTIONAL_KEYS)):  # fmt: skip
+        if wanted:
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=required)
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=optional, optional=True)
+    return task

@@ -1,0 +1,74 @@
+"""First data step: write the synthetic demo datasets when asked, check both datasets, and lay out the run's URIs."""
+
+from typing import List, NamedTuple
+
+from kfp import dsl
+
+from components.images import LIGHT_IMAGE
+
+
+@dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)
+def prepare_data(
+    dataset_uri: str,
+    eval_dataset_uri: str,
+    work_uri: str,
+    cache_uri: str,
+    synthetic_clips: int,
+    synthetic_eval_clips: int,
+    synthetic_size: list,
+    seed: int,
+    tracking: dict,
+    kfp_task_name: str,
+) -> NamedTuple("RunLayout", [("run_uri", str), ("train_cache_uri", str), ("eval_cache_uri", str), ("clips", int)]):
+    """Fail fast (before any GPU starts) when a dataset is missing; with ``synthetic_clips > 0`` write procedural
+    clips to ``dataset_uri`` (and ``synthetic_eval_clips`` held-out ones, another seed, to ``eval_dataset_uri``).
+
+    Returns the run folder ``<work_uri>/<KFP run id>``, the latent-cache URIs (``<cache_uri or run folder/cache>/
+    train`` and ``/heldout``) and the number of training clips.
+    """
+    import os
+    import tempfile
+    from collections import namedtuple
+
+    from lora_moe_core.dataset import load_dataset
+    from lora_moe_core.errors import UserError
+    from lora_moe_core.storage import Storage, is_s3, join
+    from lora_moe_core.synth import generate_dataset
+    from lora_moe_core.tracking import start_tracker
+
+    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
+    storage, scratch = Storage(), tempfile.mkdtemp(prefix="prepare-data-")
+    width, height, frames = (int(value) for value in synthetic_size)
+    with start_tracker("prepare-data", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"), tags={"stage": "data"},
+                       parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"), output_dir=scratch) as run:  # fmt: skip
+        counts = {}
+        for name, uri, clips, offset in (("train", dataset_uri, synthetic_clips, 0),
+                                         ("heldout", eval_dataset_uri, synthetic_eval_clips, 1000)):  # fmt: skip
+            if clips > 0:
+                folder = os.path.join(scratch, name) if is_s3(uri) else uri
+                generate_dataset(folder, clips, seed=seed + offset, width=width, height=height, num_frames=frames)
+                if is_s3(uri):
+                    storage.sync_dir_to(folder, uri)
+                print(f"wrote {clips} synthetic clips to {uri}")
+            counts[name] = len(load_dataset(uri, storage).clips)
+            if counts[name] == 0:
+                raise UserError(f"{name} dataset {uri} has no clips")
+            print(f"{name} dataset {uri}: {counts[name]} clips")
+        run.log_params({"dataset_uri": dataset_uri, "eval_dataset_uri": eval_dataset_uri, "synthetic_clips": synthetic_clips})
+        run.log_metrics({"clips.train": counts["train"], "clips.heldout": counts["heldout"]}, step=0)
+    run_uri = join(work_uri, tracking.get("KFP_RUN_ID") or "run")
+    cache_root = cache_uri or join(run_uri, "cache")
+    layout = namedtuple("RunLayout", ["run_uri", "train_cache_uri", "eval_cache_uri", "clips"])
+    return layout(run_uri, join(cache_root, "train"), join(cache_root, "heldout"), counts["train"])
+
+
+@dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)
+def plan_shards(clips: int, cache_shards: int, train_cache_uri: str, tracking: dict) -> List[dict]:
+    """The latent-cache fan-out: ``min(cache_shards, clips)`` items ``{shard: "i/n", output_uri, tracking}``.
+
+    Each item carries everything a shard task needs from upstream steps: ``kfp.local`` 2.17.3 replaces any
+    task-output argument of a task inside ``dsl.ParallelFor`` by the loop item, so only item fields, pipeline
+    parameters and constants are safe there.
+    """
+    count = max(1, min(int(cache_shards), int(clips)))
+    return [{"shard": f"{index}/{count}", "output_uri": train_cache_uri, "tracking": tracking} for index in range(count)]

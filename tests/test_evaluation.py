@@ -1,0 +1,116 @@
+"""`lora-moe evaluate` and `register`: metrics.json keys, report.html in headless Chromium, registry, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora_moe_core.cli import main
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+FAMILIES = ("Scissors", "Hook", "Suction", "Other")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cache, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluated")
+    assert main(["train", "--config", str(DEMO / "vanilla_lora.toml"), "--cache", tiny_cache,
+                 "--output_dir", str(root / "stage1"), "--num_train_epochs", "2"]) == 0  # fmt: skip
+    stage1 = root / "stage1" / "lora_final.safetensors"
+    assert main(["train", "--config", str(DEMO / "lora_moe_stage_b_merged.toml"), "--cache", tiny_cache,
+                 "--base_lora_weights", str(stage1), "--output_dir", str(root / "stage2"),
+                 "--num_train_epochs", "4"]) == 0  # fmt: skip
+    assert main(["train-classifier", "--cache", tiny_cache, "--output", str(root / "classifier.safetensors"),
+                 "--epochs", "2"]) == 0  # fmt: skip
+    return {"root": root, "stage1": stage1, "stage2": root / "stage2" / "lora_moe_final.safetensors",
+            "classifier": root / "classifier.safetensors"}  # fmt: skip
+
+
+def _evaluate_argv(trained, cache: str, out: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--task", "tiny", "--lora_moe_weights", str(trained["stage2"]), "--base_lora_weights",
+            str(trained["stage1"]), "--cache", cache, "--output_dir", str(out), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tiny_cache) -> Path:
+    out = trained["root"] / "eval"
+    argv = _evaluate_argv(trained, tiny_cache, out, "--classifier_weights", str(trained["classifier"]),
+                          "--samples_per_family", "1", "--sample_steps", "2", "--sample_size", "32", "32", "9")  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_metrics_json_is_flat_and_has_the_documented_keys(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert all(isinstance(value, int | float) for value in metrics.values())
+    for family in FAMILIES:
+        for model in ("base", "stage1", "stage2"):
+            assert f"val_loss.{family}.{model}" in metrics
+        assert f"roi_loss.{family}.stage1" in metrics and f"roi_loss.{family}.stage2" in metrics
+        assert 0.0 <= metrics[f"usage.{family}"] <= 1.0
+    assert metrics["routing.accuracy"] == 1.0  # routed by the caption labels it was trained with
+    assert 0 < metrics["routing.entropy"] <= 1.3863
+    assert sum(metrics[f"routing.confusion.{f}.{e}"] for f in FAMILIES for e in FAMILIES) == 8
+    assert {"samples.flicker", "samples.presence_accuracy", "samples.frechet_classifier"} <= metrics.keys()
+    assert len(list((evaluated / "samples").glob("*.mp4"))) == 4
+
+
+def test_stage2_fits_held_out_clips_better_than_stage1(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["val_loss.all.stage2"] < metrics["val_loss.all.stage1"] < metrics["val_loss.all.base"]
+
+
+def test_report_renders_its_plots_in_headless_chromium(evaluated, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Debian chromium is not installed (make test installs it)")
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}",
+               "--virtual-time-budget=5000", "--dump-dom", (evaluated / "report.html").as_uri()]  # fmt: skip
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-loaded="4"' in dom and 'data-images-broken="0"' in dom, dom[-500:]
+    assert dom.count("<video") == 4
+
+
+def test_register_creates_a_candidate_version(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    argv = ["register", "--lora_moe_weights", str(trained["stage2"]), "--name", "surgical", "--work_dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert "registered surgical version 1 (alias 'candidate')" in capsys.readouterr().out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    version = client.get_model_version_by_alias("surgical", "candidate")
+    assert version.version == "1"
+    exported = sorted(p.name for p in (tmp_path / "model" / "exported").glob("*.safetensors"))
+    assert any(name.startswith("Hook") for name in exported) and len(exported) >= 4
+
+
+def test_bad_evaluation_inputs(trained, tiny_cache, tmp_path, capsys):
+    def fails(argv, *words):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        for word in words:
+            assert word in err, err
+
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(tiny_cache, unlabelled)
+    for path in unlabelled.glob("*_wan.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+        tensors["instrument_labels"] = torch.zeros(4)
+        save_file(tensors, path, metadata=metadata)
+    fails(_evaluate_argv(trained, str(unlabelled), tmp_path / "e", "--samples_per_family", "0"), "no instrument labels")
+    fails(_evaluate_argv(trained, tiny_cache, tmp_path / "e", "--samples_per_family", "0", "--task", "t2v-A14B"),
+          "--model is required")  # fmt: skip
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    fails(_evaluate_argv(trained, tiny_cache, blocker / "out", "--samples_per_family", "0"), "cannot write")
