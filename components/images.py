@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 
-DEFAULT_REGISTRY = "ghcr.io/lora-moe"
+DEFAULT_REGISTRY = "registry.example.com"  # a placeholder, like manifests/: set LORA_MOE_IMAGE_REGISTRY
 DEFAULT_TAG = "dev"
-TRAINER = "lora-moe-trainer"  # CUDA + torch + lora_moe_core + kfp: caching, training, evaluation, inference
-LIGHT = "lora-moe-light"  # CPU, no torch: MLflow parent run, data checks, caption labelling
+TRAINER = "lora-moe-trainer"  # images/trainer.Dockerfile: CUDA torch; caching, training, evaluation, inference
+LIGHT = "lora-moe-cpu"  # images/cpu.Dockerfile: CPU torch; tracking, data checks, labelling, import, registry
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI tag grammar
 

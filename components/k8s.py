@@ -1,33 +1,34 @@
 """Where and how each task runs on the cluster: image, GPU node pool, resources, timeouts, retries, credentials.
 
-Everything cluster-specific is a compile-time :class:`ClusterSettings` (``lora-moe pipeline compile`` flags), so
-the same pipeline code compiles for any cluster. ``gpu_task`` is the one helper for GPU placement; ``cpu_task``
-places the small steps; ``use_credentials`` mounts the MinIO and MLflow secrets as environment variables, the
-only way credentials reach a step (never pipeline parameters). ``kfp.local`` ignores all of it.
+Everything cluster-specific is a compile-time :class:`ClusterSettings` (``lora-moe pipeline compile`` flags, or
+the ``LORA_MOE_GPU_*`` variables of ``manifests/base/gpu-pool.configmap.yaml``), so the same pipeline code compiles
+for any cluster. ``gpu_task`` is the one helper for GPU placement; ``cpu_task`` places the small steps;
+``use_credentials`` mounts the MinIO and MLflow secrets as environment variables, the only way credentials reach a
+step (never pipeline parameters). ``kfp.local`` ignores all of it.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kfp import kubernetes
 
 from components import images
 
-# Secret key -> environment variable. The required keys must exist in the secret; the optional ones may be left out
-# (e.g. an MLflow server without authentication). manifests/ ships templates with these keys.
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-                  "S3_ENDPOINT_URL": "S3_ENDPOINT_URL"}  # fmt: skip
-S3_SECRET_OPTIONAL_KEYS = {"AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"}
-MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
-MLFLOW_SECRET_OPTIONAL_KEYS = {key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                                                    "MLFLOW_TRACKING_TOKEN")}  # fmt: skip
+# Secret key -> environment variable (manifests/base/minio-credentials.secret.yaml). The MLflow secret is optional:
+# a server without authentication needs none; with authentication it holds any of these keys.
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_SECRET_KEYS = {key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                           "MLFLOW_TRACKING_TOKEN")}  # fmt: skip
 
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DURATION = re.compile(r"^\d+(s|m|h)$")
+_URL = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
@@ -46,19 +47,31 @@ class Toleration:
     @classmethod
     def parse(cls, text: str) -> Toleration:
         """``KEY[=VALUE][:EFFECT]``, e.g. ``nvidia.com/gpu:NoSchedule`` or ``pool=a100:NoExecute``."""
-        spec, _, effect = text.partition(":")
+        spec, _, effect = text.rpartition(":") if text.rpartition(":")[2] in EFFECTS else (text, "", "")
         key, has_value, value = spec.partition("=")
         return cls(key=key, effect=effect or "NoSchedule", value=value if has_value else None)
 
 
+def parse_selector(text: str) -> tuple[tuple[str, str], ...]:
+    """``key=value[,key=value…]`` → pairs; SettingsError for an entry without ``=``."""
+    pairs = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        key, has_value, value = entry.partition("=")
+        if not has_value:
+            raise SettingsError(f"node selector {entry!r} must be key=value, e.g. lora-moe/pool=gpu")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Compile-time cluster knobs. Defaults fit a cluster with the NVIDIA GPU operator and tainted GPU nodes."""
+    """Compile-time cluster knobs. Defaults match manifests/ (MinIO ``minio:9000``, MLflow ``mlflow:5000``, GPU nodes
+    labelled ``lora-moe/pool=gpu`` and tainted ``nvidia.com/gpu``)."""
 
     image_tag: str = field(default_factory=images.default_tag)
     image_registry: str = field(default_factory=images.default_registry)
     accelerator_type: str = "nvidia.com/gpu"
-    gpu_node_selector: tuple[tuple[str, str], ...] = (("nvidia.com/gpu.present", "true"),)
+    gpu_node_selector: tuple[tuple[str, str], ...] = (("lora-moe/pool", "gpu"),)
     gpu_tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu"),)
     shm_size: str = "32Gi"  # memory-backed /dev/shm for data-loader workers and NCCL
     gpu_cpu_request: str = "8"
@@ -68,11 +81,31 @@ class ClusterSettings:
     train_timeout_s: int = 3 * 24 * 3600
     gpu_timeout_s: int = 12 * 3600
     cpu_timeout_s: int = 3600
-    gpu_retries: int = 2  # pre-empted (spot) GPU nodes: the step runs again
+    gpu_retries: int = 2  # a pre-empted (spot) GPU node: the step runs again
     retry_backoff: str = "120s"
-    s3_secret: str = "lora-moe-s3"
-    mlflow_secret: str = "lora-moe-mlflow"
+    s3_endpoint_url: str = "http://minio:9000"  # not secrets: plain environment variables of each step;
+    mlflow_tracking_uri: str = "http://mlflow:5000"  # "" leaves them to the pod's environment (and to kfp.local's)
+    s3_secret: str = "minio-credentials"
+    mlflow_secret: str = "mlflow-credentials"
     image_pull_secrets: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> ClusterSettings:
+        """Defaults, then the ``LORA_MOE_GPU_*`` variables of the gpu-pool ConfigMap, then ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        if env.get("LORA_MOE_GPU_RESOURCE"):
+            values["accelerator_type"] = env["LORA_MOE_GPU_RESOURCE"]
+        if env.get("LORA_MOE_GPU_NODE_SELECTOR"):
+            values["gpu_node_selector"] = parse_selector(env["LORA_MOE_GPU_NODE_SELECTOR"])
+        if env.get("LORA_MOE_GPU_TOLERATION_KEY"):
+            operator = env.get("LORA_MOE_GPU_TOLERATION_OPERATOR", "Exists")
+            if operator not in ("Exists", "Equal"):
+                raise SettingsError(f"LORA_MOE_GPU_TOLERATION_OPERATOR {operator!r} must be Exists or Equal")
+            value = env.get("LORA_MOE_GPU_TOLERATION_VALUE", "") if operator == "Equal" else None
+            values["gpu_tolerations"] = (Toleration(env["LORA_MOE_GPU_TOLERATION_KEY"],
+                                                    env.get("LORA_MOE_GPU_TOLERATION_EFFECT", "NoSchedule"), value),)  # fmt: skip
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def image(self, name: str) -> str:
         return images.image_ref(name, self.image_tag, self.image_registry)
@@ -91,10 +124,14 @@ class ClusterSettings:
             raise SettingsError(f"invalid image tag {self.image_tag!r}: letters, digits, '_', '.', '-', at most 128")
         if not self.image_registry or any(c.isspace() for c in self.image_registry):
             raise SettingsError(f"invalid image registry {self.image_registry!r}")
-        for what, name in (("MinIO/S3 credentials secret", self.s3_secret),
-                           ("MLflow credentials secret", self.mlflow_secret),
-                           *(("image pull secret", n) for n in self.image_pull_secrets)):  # fmt: skip
+        for what, name in (("MinIO credentials secret", self.s3_secret), ("MLflow credentials secret",
+                           self.mlflow_secret), *(("image pull secret", n) for n in self.image_pull_secrets)):  # fmt: skip
             _check_dns1123(what, name)
+        for what, url in (("S3 endpoint", self.s3_endpoint_url), ("MLflow tracking URI", self.mlflow_tracking_uri)):
+            if url and not _URL.match(url):
+                raise SettingsError(f"{what} {url!r} must look like http://host:port")
+        if not self.gpu_node_selector:
+            raise SettingsError("the GPU node selector is empty: GPU steps would land on any node")
         for key, value in self.gpu_node_selector:
             _check_label(key, value)
         for toleration in self.gpu_tolerations:
@@ -124,13 +161,13 @@ def _check_label(key: str, value: str) -> None:
     prefix, _, name = key.rpartition("/")
     if (not name or len(name) > 63 or not _LABEL_NAME.match(name)
             or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))):  # fmt: skip
-        raise SettingsError(f"invalid node label key {key!r} (e.g. nvidia.com/gpu.present or cloud.google.com/gke-nodepool)")
+        raise SettingsError(f"invalid node label key {key!r} (e.g. lora-moe/pool or cloud.google.com/gke-nodepool)")
     if len(value) > 63 or not _LABEL_NAME.match(value):
         raise SettingsError(f"invalid node label value {value!r} for {key!r} (at most 63 of A-Z a-z 0-9 - _ .)")
 
 
 def _common(task, settings: ClusterSettings, image: str, timeout_s: int, caching: bool):
-    task.container_spec.image = image  # the compile's tag wins over the decorator's default
+    task.container_spec.image = image  # the compile's registry and tag win over the decorator's default
     task.set_caching_options(caching)
     kubernetes.set_timeout(task, timeout_s)
     if settings.image_pull_secrets:
@@ -140,8 +177,8 @@ def _common(task, settings: ClusterSettings, image: str, timeout_s: int, caching
 
 def gpu_task(task, settings: ClusterSettings, gpus=1, timeout_s: int | None = None, caching: bool = False):
     """Place ``task`` on the GPU pool: ``gpus`` accelerators (an int or a pipeline parameter), the pool's node
-    selector and tolerations, a memory-backed ``/dev/shm``, CPU/memory requests, a timeout, retries on failure
-    (pre-empted nodes), and the trainer image. Caching is off unless asked for."""
+    selector and tolerations, a memory-backed ``/dev/shm``, CPU/memory requests, a timeout, retries with backoff
+    (pre-empted nodes) and the trainer image. Caching is off unless asked for."""
     _common(task, settings, settings.trainer_image, timeout_s or settings.gpu_timeout_s, caching)
     task.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(gpus)
     task.set_cpu_request(settings.gpu_cpu_request).set_memory_request(settings.gpu_memory_request)
@@ -159,7 +196,7 @@ def gpu_task(task, settings: ClusterSettings, gpus=1, timeout_s: int | None = No
 
 
 def cpu_task(task, settings: ClusterSettings, image: str | None = None, caching: bool = False):
-    """Place a small step on any node: the light image (or ``image``), small requests, a short timeout."""
+    """Place a small step on any node: the light CPU image (or ``image``), small requests, a short timeout."""
     _common(task, settings, image or settings.light_image, settings.cpu_timeout_s, caching)
     task.set_cpu_request(settings.cpu_cpu_request).set_memory_request(settings.cpu_memory_request)
     task.set_retry(num_retries=1, backoff_duration="30s")
@@ -167,11 +204,15 @@ def cpu_task(task, settings: ClusterSettings, image: str | None = None, caching:
 
 
 def use_credentials(task, settings: ClusterSettings, s3: bool = True, mlflow: bool = True):
-    """Mount the MinIO/S3 and MLflow secrets as environment variables (the only way credentials reach a step)."""
-    for wanted, secret, required, optional in ((s3, settings.s3_secret, S3_SECRET_KEYS, S3_SECRET_OPTIONAL_KEYS),
-                                               (mlflow, settings.mlflow_secret, MLFLOW_SECRET_KEYS,
-                                                MLFLOW_SECRET_OPTIONAL_KEYS)):  # fmt: skip
-        if wanted:
-            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=required)
-            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=optional, optional=True)
+    """Give a step MinIO and/or MLflow: credentials from the secrets (``use_secret_as_env``), endpoints as plain
+    environment variables."""
+    if s3:
+        kubernetes.use_secret_as_env(task, secret_name=settings.s3_secret, secret_key_to_env=S3_SECRET_KEYS)
+        if settings.s3_endpoint_url:
+            task.set_env_variable("S3_ENDPOINT_URL", settings.s3_endpoint_url)
+    if mlflow:
+        kubernetes.use_secret_as_env(task, secret_name=settings.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS,
+                                     optional=True)  # fmt: skip
+        if settings.mlflow_tracking_uri:
+            task.set_env_variable("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
     return task

@@ -103,7 +103,7 @@ def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier
     videos, flicker, hits, features = [], [], [], []
     for family in FAMILIES:
         for index in range(settings.samples_per_family):
-            route = session.resolve_route(SAMPLE_PROMPTS[family], instrument_hint=family)
+            route = session.route(SAMPLE_PROMPTS[family], instrument_hint=family)
             clip = session.generate(SAMPLE_PROMPTS[family], route, seed=settings.seed + index,
                                     num_inference_steps=settings.sample_steps, height=height, width=width,
                                     num_frames=frames)  # fmt: skip
@@ -112,7 +112,8 @@ def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier
             videos.append(path)
             flicker.append(evaluation.temporal_flicker(clip))
             if classifier is not None:
-                latents = encode_video(session.encoders.vae, frames_to_tensor(clip)[None])
+                vae = session.pipeline.vae
+                latents = encode_video(vae, frames_to_tensor(clip)[None].to(vae.device, vae.dtype)).float().cpu()
                 with torch.no_grad():
                     hits.append(bool(classifier(latents)[0].argmax() == FAMILIES.index(family)))
                     features.append(classifier.features(latents)[0].numpy())

@@ -40,6 +40,10 @@ def plot_losses(metrics: dict, path: Path) -> Path:
         values = [metrics.get(f"val_loss.{group}.{model}", np.nan) for group in groups]
         axis.bar(np.arange(len(groups)) + offset * width, values, width, label=model)
     axis.set_xticks(np.arange(len(groups)) + width, groups)
+    values = [v for m in MODELS for g in groups if np.isfinite(v := metrics.get(f"val_loss.{g}.{m}", np.nan))]
+    if values:  # the models differ by a few percent: start the axis near the data so the difference shows
+        span = max(values) - min(values)
+        axis.set_ylim(min(values) - 0.5 * span - 1e-6, max(values) + 0.5 * span + 1e-6)
     axis.set(ylabel="held-out flow-matching loss", title="loss by family (lower is better)")
     axis.legend()
     return _save(figure, path)

@@ -88,7 +88,7 @@ def test_register_creates_a_candidate_version(trained, tmp_path, monkeypatch, ca
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     version = client.get_model_version_by_alias("surgical", "candidate")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     exported = sorted(p.name for p in (tmp_path / "model" / "exported").glob("*.safetensors"))
     assert any(name.startswith("Hook") for name in exported) and len(exported) >= 4
 

@@ -30,6 +30,15 @@ def _save_network(path, transformer) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model's ops are too small to split: two OpenMP threads only spin-wait, 5x slower on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     return _save_network(tmp_path_factory.mktemp("ckpt") / "lora_moe.safetensors", build_transformer("tiny"))
@@ -96,8 +105,6 @@ def test_lora_changes_output_and_merge_matches(checkpoint, session) -> None:
         assert np.abs(merged.generate("suction", seed=3, as_float=True, **SIZE) - suction).max() < 1e-4
         weight = merged.dits["high"].blocks[3].attn1.to_q.base_layer.weight.clone()
     assert not torch.equal(weight, merged.dits["high"].blocks[3].attn1.to_q.base_layer.weight)  # closed: unmerged
-    uint8 = session.generate("hook", hook, seed=3, **SIZE)
-    assert uint8.dtype == np.uint8 and np.abs(uint8.astype(int) - np.rint(lora * 255)).max() <= 1
 
 
 def test_prompts_files(checkpoint, tmp_path) -> None:

@@ -1,0 +1,98 @@
+"""Stage 1: train the vanilla LoRA (``lora-moe train --training_stage stage_a``), or import the user's own.
+
+Both return the Stage-1 LoRA's URI in the run's store (a string, so ``dsl.OneOf`` can merge the two branches:
+``kfp.local`` cannot merge artifacts) and also write it as a ``Model`` artifact for lineage and the UI.
+"""
+
+from kfp import dsl
+from kfp.dsl import Metrics, Model, Output
+
+from components.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def train_stage1(
+    cache_uri: str,
+    config: str,
+    task: str,
+    base_model_uri: str,
+    num_train_epochs: int,
+    learning_rate: float,
+    seed: int,
+    gpus: int,
+    run_uri: str,
+    lora: Output[Model],
+    metrics: Output[Metrics],
+    tracking: dict,
+    kfp_task_name: str,
+) -> str:
+    """Train the vanilla LoRA on the latent cache; returns ``<run_uri>/stage1/lora_final.safetensors``.
+
+    ``config`` is a TOML path, relative to the working directory or to the folder holding ``lora_moe_core``
+    (the image's ``configs/``); the other arguments override it. ``gpus`` > 1 launches one process per GPU
+    (``accelerate launch``). The step's MLflow run is opened by the trainer as a child of the pipeline's run.
+    """
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import lora_moe_core
+    from lora_moe_core.cli import main
+    from lora_moe_core.storage import Storage, join
+
+    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
+    config_path = Path(config)
+    if not config_path.is_absolute() and not config_path.exists():
+        config_path = Path(lora_moe_core.__file__).resolve().parents[1] / config
+    out = Path(tempfile.mkdtemp(prefix="stage1-")) / "vanilla_lora"
+    argv = ["train", "--config", str(config_path), "--training_stage", "stage_a", "--task", task, "--cache", cache_uri,
+            "--output_dir", str(out), "--num_train_epochs", str(num_train_epochs), "--learning_rate", str(learning_rate),
+            "--seed", str(seed), "--experiment", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe")]  # fmt: skip
+    argv += ["--model", base_model_uri] if base_model_uri else []
+    if gpus > 1:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m", "lora_moe_core"]
+        code = subprocess.run([*launch, *argv], check=False).returncode
+    else:
+        code = main(argv)
+    if code != 0:
+        raise SystemExit(f"lora-moe train (stage_a) failed with exit code {code} (see the error above)")
+    shutil.copyfile(out / "lora_final.safetensors", lora.path)
+    history = json.loads((out / "training_state_final.json").read_text())["history"]
+    for key, value in (history[-1] if history else {}).items():
+        if isinstance(value, int | float):
+            metrics.log_metric(key, float(value))
+    stage_uri = join(run_uri, "stage1")
+    Storage().sync_dir_to(out, stage_uri)
+    lora.metadata.update({"stage": "stage_a", "format": "musubi", "uri": join(stage_uri, "lora_final.safetensors")})
+    return join(stage_uri, "lora_final.safetensors")
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def import_stage1(stage1_lora_uri: str, lora: Output[Model], tracking: dict, kfp_task_name: str) -> str:
+    """Check the user's Stage-1 LoRA (musubi, ComfyUI or diffusers keys; local or s3://) and pass its URI on."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from lora_moe_core.lora_formats import read_lora
+    from lora_moe_core.storage import Storage, is_s3
+    from lora_moe_core.tracking import start_tracker
+
+    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
+    scratch = Path(tempfile.mkdtemp(prefix="import-stage1-"))
+    with start_tracker("import-stage1", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"), tags={"stage": "stage_a"},
+                       parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"), output_dir=scratch) as run:  # fmt: skip
+        local = Storage().download(stage1_lora_uri, scratch / "stage1.safetensors") if is_s3(stage1_lora_uri) else None
+        weights = read_lora(str(local or stage1_lora_uri))  # UserError (one line) on a file that is not a Wan LoRA
+        ranks = sorted({module.rank for module in weights.modules.values()})
+        shutil.copyfile(local or stage1_lora_uri, lora.path)
+        info = {"stage": "stage_a", "format": weights.format, "modules": len(weights.modules), "uri": stage1_lora_uri}
+        lora.metadata.update({**info, "ranks": ranks})
+        run.log_params({**info, "ranks": ranks, "imported": True})
+        print(f"Stage-1 LoRA {stage1_lora_uri}: {weights.format} keys, {len(weights.modules)} modules, ranks {ranks}")
+    return stage1_lora_uri

@@ -1,0 +1,72 @@
+"""Stage 2: four expert LoRAs + router on top of the frozen Stage-1 LoRA (``lora-moe train --training_stage stage_b``)."""
+
+from kfp import dsl
+from kfp.dsl import Metrics, Model, Output
+
+from components.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def train_stage2(
+    cache_uri: str,
+    stage1_lora_uri: str,
+    config: str,
+    task: str,
+    base_model_uri: str,
+    num_train_epochs: int,
+    learning_rate: float,
+    seed: int,
+    gpus: int,
+    run_uri: str,
+    lora_moe: Output[Model],
+    metrics: Output[Metrics],
+    tracking: dict,
+    kfp_task_name: str,
+):
+    """Train the LoRA-MoE; writes ``lora_moe_final.safetensors`` as the ``lora_moe`` artifact (and to
+    ``<run_uri>/stage2/``) and the last epoch's losses, routing accuracy and expert usage as ``metrics``.
+
+    ``config`` and ``gpus`` work as in ``train_stage1``; the MLflow child run is opened by the trainer.
+    """
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import lora_moe_core
+    from lora_moe_core.cli import main
+    from lora_moe_core.storage import Storage, is_s3, join
+
+    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
+    config_path = Path(config)
+    if not config_path.is_absolute() and not config_path.exists():
+        config_path = Path(lora_moe_core.__file__).resolve().parents[1] / config
+    scratch = Path(tempfile.mkdtemp(prefix="stage2-"))
+    base_lora = stage1_lora_uri
+    if is_s3(stage1_lora_uri):
+        base_lora = str(Storage().download(stage1_lora_uri, scratch / "stage1" / "lora_final.safetensors"))
+    out = scratch / "lora_moe_stage_b"
+    argv = ["train", "--config", str(config_path), "--training_stage", "stage_b", "--task", task, "--cache", cache_uri,
+            "--base_lora_weights", base_lora, "--output_dir", str(out), "--num_train_epochs", str(num_train_epochs),
+            "--learning_rate", str(learning_rate), "--seed", str(seed),
+            "--experiment", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe")]  # fmt: skip
+    argv += ["--model", base_model_uri] if base_model_uri else []
+    if gpus > 1:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m", "lora_moe_core"]
+        code = subprocess.run([*launch, *argv], check=False).returncode
+    else:
+        code = main(argv)
+    if code != 0:
+        raise SystemExit(f"lora-moe train (stage_b) failed with exit code {code} (see the error above)")
+    shutil.copyfile(out / "lora_moe_final.safetensors", lora_moe.path)
+    history = json.loads((out / "training_state_final.json").read_text())["history"]
+    for key, value in (history[-1] if history else {}).items():
+        if isinstance(value, int | float) and not key.startswith("gate_mean."):
+            metrics.log_metric(key, float(value))
+    stage_uri = join(run_uri, "stage2")
+    Storage().sync_dir_to(out, stage_uri)
+    lora_moe.metadata.update({"stage": "stage_b", "stage1_lora_uri": stage1_lora_uri,
+                              "uri": join(stage_uri, "lora_moe_final.safetensors")})  # fmt: skip

@@ -1,0 +1,159 @@
+"""The training pipeline ``lora-moe-training``: dataset → labels → latent cache → Stage 1 → Stage 2 → evaluation →
+sample videos and per-instrument LoRAs → model registry, with one MLflow parent run per pipeline run.
+
+``build_training_pipeline(settings)`` builds it for a cluster (images, GPU pool, secrets: see
+``components.k8s.ClusterSettings``); ``lora_moe_training`` is the build for the default settings.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Metrics, Model
+
+from components import (
+    cache_latents,
+    evaluate,
+    finish_tracking,
+    import_stage1,
+    infer_export,
+    label_captions,
+    plan_shards,
+    prepare_data,
+    register_model,
+    start_tracking,
+    train_stage1,
+    train_stage2,
+)
+from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
+from pipelines.defaults import PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
+
+PIPELINE_NAME = "lora-moe-training"
+
+TrainingOutputs = NamedTuple(
+    "TrainingOutputs",
+    [("lora_moe", Model), ("stage2_metrics", Metrics), ("eval_metrics", Metrics), ("report", HTML),
+     ("videos", Artifact), ("instrument_loras", Model)],
+)  # fmt: skip
+
+
+def build_training_pipeline(settings: ClusterSettings | None = None):
+    """The ``@dsl.pipeline`` for ``settings`` (validated; default: ``ClusterSettings.from_env()``)."""
+    s = (settings or ClusterSettings.from_env()).validate()
+
+    def cpu(task, image=None, s3=True, mlflow=True, caching=False):
+        return use_credentials(cpu_task(task, s, image=image, caching=caching), s, s3=s3, mlflow=mlflow)
+
+    def gpu(task, gpus=1, timeout_s=None):
+        return use_credentials(gpu_task(task, s, gpus=gpus, timeout_s=timeout_s), s)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="LoRA mixture of experts for WAN2.2 surgical video, two stages")
+    def lora_moe_training(  # noqa: B006 - KFP pipeline defaults are literals shown in the run form
+        dataset_uri: str = "s3://lora-moe-data/datasets/surgical/train",
+        eval_dataset_uri: str = "s3://lora-moe-data/datasets/surgical/heldout",
+        stage1_lora_uri: str = "",
+        base_model_uri: str = "s3://lora-moe-data/models/Wan2.2-T2V-A14B-Diffusers",
+        task: str = "t2v-A14B",
+        work_uri: str = "s3://lora-moe-data/runs",
+        cache_uri: str = "",
+        cache_shards: int = 4,
+        target_frames: int = 0,
+        stage1_config: str = STAGE1_CONFIG,
+        stage1_epochs: int = SEED_STAGE1["num_train_epochs"],
+        stage1_learning_rate: float = SEED_STAGE1["learning_rate"],
+        stage2_config: str = STAGE2_CONFIG,
+        stage2_epochs: int = SEED_STAGE2["num_train_epochs"],
+        stage2_learning_rate: float = SEED_STAGE2["learning_rate"],
+        seed: int = SEED_STAGE2["seed"],
+        gpus_per_step: int = 1,
+        samples_per_family: int = 1,
+        sample_steps: int = 30,
+        sample_width: int = 832,
+        sample_height: int = 480,
+        sample_frames: int = 33,
+        prompts: list = PROMPTS,
+        alpha_base: float = 0.7,
+        alpha_expert: float = 1.0,
+        synthetic_clips: int = 0,
+        synthetic_eval_clips: int = 0,
+        synthetic_size: list = [128, 96, 33],
+        mlflow_experiment: str = "lora-moe",
+        model_name: str = "lora-moe-surgical",
+        model_alias: str = "candidate",
+    ) -> TrainingOutputs:
+        """Train the two-stage LoRA-MoE.
+
+        1. ``prepare-data``: check both datasets (or write synthetic ones: ``synthetic_clips`` > 0), lay out the run.
+        2. ``label-captions``: caption keywords → the four instrument families, training and held-out sets.
+        3. ``cache-latents``: VAE + UMT5 encoding, fanned out over ``cache_shards`` GPUs (``dsl.ParallelFor``).
+        4. Stage 1: ``train-stage1``, or ``import-stage1`` when ``stage1_lora_uri`` is given (``dsl.If``).
+        5. ``train-stage2``: experts + router on the frozen Stage-1 LoRA.
+        6. ``evaluate``: held-out losses, routing, sample clips → metrics and an HTML report.
+        7. ``infer-export``: one video per prompt and one standard LoRA per instrument.
+        8. ``register-model``: a new version in the MLflow registry, aliased ``model_alias``.
+        The MLflow parent run (``start-tracking``) is ended by ``finish-tracking`` even when a step fails.
+        Big data (clips, caches, base weights) is addressed by ``s3://`` URIs or local paths; gpus_per_step applies
+        to the two training steps (caching, evaluation and inference use one GPU each).
+        """
+        start = cpu(start_tracking(experiment=mlflow_experiment, pipeline=PIPELINE_NAME,
+                                   kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                   kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), s3=False)  # fmt: skip
+        context = {"tracking": start.output, "kfp_task_name": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
+        data = cpu(prepare_data(dataset_uri=dataset_uri, eval_dataset_uri=eval_dataset_uri, work_uri=work_uri,
+                                cache_uri=cache_uri, synthetic_clips=synthetic_clips,
+                                synthetic_eval_clips=synthetic_eval_clips, synthetic_size=synthetic_size, seed=seed,
+                                **context))  # fmt: skip
+        labels = cpu(label_captions(dataset_uri=dataset_uri, **context).after(data))
+        eval_labels = cpu(label_captions(dataset_uri=eval_dataset_uri, **context).after(data))
+        labels.set_display_name("label-captions-train")
+        eval_labels.set_display_name("label-captions-heldout")
+
+        shards = cpu(plan_shards(clips=data.outputs["clips"], cache_shards=cache_shards,
+                                 train_cache_uri=data.outputs["train_cache_uri"], tracking=start.output),
+                     s3=False, mlflow=False, caching=True)  # fmt: skip
+        with dsl.ParallelFor(shards.output, name="cache-shards") as shard:
+            cache = gpu(cache_latents(dataset_uri=dataset_uri, labels=labels.outputs["labels"],
+                                      output_uri=shard.output_uri, shard=shard.shard, task=task,
+                                      base_model_uri=base_model_uri, target_frames=target_frames,
+                                      tracking=shard.tracking, kfp_task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER))  # fmt: skip
+        eval_cache = gpu(cache_latents(dataset_uri=eval_dataset_uri, labels=eval_labels.outputs["labels"],
+                                       output_uri=data.outputs["eval_cache_uri"], shard="0/1", task=task,
+                                       base_model_uri=base_model_uri, target_frames=target_frames, **context))  # fmt: skip
+        eval_cache.set_display_name("cache-latents-heldout")
+
+        with dsl.If(stage1_lora_uri == "", name="train-stage-1"):
+            stage1 = gpu(train_stage1(cache_uri=data.outputs["train_cache_uri"], config=stage1_config, task=task,
+                                      base_model_uri=base_model_uri, num_train_epochs=stage1_epochs,
+                                      learning_rate=stage1_learning_rate, seed=seed, gpus=gpus_per_step,
+                                      run_uri=data.outputs["run_uri"], **context).after(cache),
+                         gpus=gpus_per_step, timeout_s=s.train_timeout_s)  # fmt: skip
+        with dsl.Else(name="import-stage-1"):
+            imported = cpu(import_stage1(stage1_lora_uri=stage1_lora_uri, **context), image=s.trainer_image)
+        stage1_lora_uri_out = dsl.OneOf(stage1.outputs["Output"], imported.outputs["Output"])
+
+        stage2 = gpu(train_stage2(cache_uri=data.outputs["train_cache_uri"], stage1_lora_uri=stage1_lora_uri_out,
+                                  config=stage2_config, task=task, base_model_uri=base_model_uri,
+                                  num_train_epochs=stage2_epochs, learning_rate=stage2_learning_rate, seed=seed,
+                                  gpus=gpus_per_step, run_uri=data.outputs["run_uri"], **context).after(cache),
+                     gpus=gpus_per_step, timeout_s=s.train_timeout_s)  # fmt: skip
+        evaluation = gpu(evaluate(eval_cache_uri=data.outputs["eval_cache_uri"], lora_moe=stage2.outputs["lora_moe"],
+                                  stage1_lora_uri=stage1_lora_uri_out, task=task, base_model_uri=base_model_uri,
+                                  samples_per_family=samples_per_family, sample_steps=sample_steps,
+                                  sample_width=sample_width, sample_height=sample_height, sample_frames=sample_frames,
+                                  seed=seed, **context).after(eval_cache))  # fmt: skip
+        samples = gpu(infer_export(lora_moe=stage2.outputs["lora_moe"], task=task, base_model_uri=base_model_uri,
+                                   prompts=prompts, num_frames=sample_frames, height=sample_height, width=sample_width,
+                                   num_inference_steps=sample_steps, alpha_base=alpha_base, alpha_expert=alpha_expert,
+                                   seed=seed, **context))  # fmt: skip
+        register = cpu(register_model(lora_moe=stage2.outputs["lora_moe"], model_name=model_name, alias=model_alias,
+                                      alpha_base=alpha_base, alpha_expert=alpha_expert, **context)
+                       .after(evaluation, samples), image=s.trainer_image)  # fmt: skip
+        cpu(finish_tracking(tracking=start.output, final_stage="register").after(register).ignore_upstream_failure(), s3=False)
+        return TrainingOutputs(lora_moe=stage2.outputs["lora_moe"], stage2_metrics=stage2.outputs["metrics"],
+                               eval_metrics=evaluation.outputs["metrics"], report=evaluation.outputs["report"],
+                               videos=samples.outputs["videos"],
+                               instrument_loras=samples.outputs["instrument_loras"])  # fmt: skip
+
+    return lora_moe_training
+
+
+lora_moe_training = build_training_pipeline()
