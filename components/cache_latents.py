@@ -30,13 +30,28 @@ def cache_latents(
     from lora_moe_core.tracking import start_tracker
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    argv = ["cache", "--dataset", dataset_uri, "--labels", labels.path, "--task", task, "--output", output_uri,
-            "--shard", shard]  # fmt: skip
+    argv = [
+        "cache",
+        "--dataset",
+        dataset_uri,
+        "--labels",
+        labels.path,
+        "--task",
+        task,
+        "--output",
+        output_uri,
+        "--shard",
+        shard,
+    ]
     argv += ["--model", base_model_uri] if base_model_uri else []
     argv += ["--target_frames", str(target_frames)] if target_frames > 0 else []
-    with start_tracker(f"cache {shard}", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"), tags={"stage": "cache"},
-                       parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
-                       output_dir=tempfile.mkdtemp(prefix="cache-")) as run:  # fmt: skip
+    with start_tracker(
+        f"cache {shard}",
+        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
+        tags={"stage": "cache"},
+        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
+        output_dir=tempfile.mkdtemp(prefix="cache-"),
+    ) as run:
         run.log_params({"dataset_uri": dataset_uri, "output_uri": output_uri, "shard": shard, "task": task})
         code = main(argv)
         if code != 0:

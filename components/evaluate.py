@@ -24,10 +24,13 @@ def evaluate(
     tracking: dict,
     kfp_task_name: str,
 ):
-    """Evaluate on the held-out latent cache. ``metrics`` gets every number of ``metrics.json``; ``report`` is the
-    HTML report with its plots and sample clips inlined (the KFP UI shows one self-contained file); the whole
-    evaluation folder goes to the step's MLflow run. The sample clips are ``sample_width`` × ``sample_height``,
-    ``sample_frames`` frames, ``sample_steps`` denoising steps."""
+    """Evaluate on the held-out latent cache.
+
+    ``metrics`` gets every number of ``metrics.json``; ``report`` is the HTML report with its plots and sample
+    clips inlined (the KFP UI shows one self-contained file). The evaluation logs metrics, plots, report and clips
+    to its own MLflow run, a child of the pipeline's. Sample clips: ``samples_per_family`` per family,
+    ``sample_width`` × ``sample_height`` × ``sample_frames``, ``sample_steps`` denoising steps.
+    """
     import base64
     import json
     import mimetypes
@@ -38,31 +41,42 @@ def evaluate(
 
     from lora_moe_core.cli import main
     from lora_moe_core.storage import Storage, is_s3
-    from lora_moe_core.tracking import start_tracker
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = Path(tempfile.mkdtemp(prefix="evaluate-"))
-    out = scratch / "evaluation"
+    out = scratch / "heldout"
     stage1 = stage1_lora_uri
     if is_s3(stage1_lora_uri):
         stage1 = str(Storage().download(stage1_lora_uri, scratch / "stage1.safetensors"))
-    argv = ["evaluate", "--task", task, "--lora_moe_weights", lora_moe.path, "--base_lora_weights", stage1,
-            "--cache", eval_cache_uri, "--output_dir", str(out), "--samples_per_family", str(samples_per_family),
-            "--sample_steps", str(sample_steps), "--sample_size", str(sample_width), str(sample_height), str(sample_frames),
-            "--seed", str(seed)]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--task",
+        task,
+        "--lora_moe_weights",
+        lora_moe.path,
+        "--base_lora_weights",
+        stage1,
+        "--cache",
+        eval_cache_uri,
+        "--output_dir",
+        str(out),
+        "--samples_per_family",
+        str(samples_per_family),
+        "--sample_steps",
+        str(sample_steps),
+        "--sample_size",
+        str(sample_width),
+        str(sample_height),
+        str(sample_frames),
+        "--seed",
+        str(seed),
+    ]
     argv += ["--model", base_model_uri] if base_model_uri else []
-    with start_tracker("evaluate", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"), tags={"stage": "evaluate"},
-                       parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"), output_dir=scratch) as run:  # fmt: skip
-        run.log_params({"eval_cache_uri": eval_cache_uri, "stage1_lora_uri": stage1_lora_uri,
-                        "samples_per_family": samples_per_family, "sample_steps": sample_steps})  # fmt: skip
-        code = main(argv)
-        if code != 0:
-            raise SystemExit(f"lora-moe evaluate failed with exit code {code} (see the error above)")
-        values = json.loads((out / "metrics.json").read_text())
-        for key, value in sorted(values.items()):
-            metrics.log_metric(key, float(value))
-        run.log_metrics(values, step=0)
-        run.log_artifact(out, "evaluation")
+    code = main(argv)  # logs its own MLflow run, a child of MLFLOW_PARENT_RUN_ID
+    if code != 0:
+        raise SystemExit(f"lora-moe evaluate failed with exit code {code} (see the error above)")
+    for key, value in sorted(json.loads((out / "metrics.json").read_text()).items()):
+        metrics.log_metric(key, float(value))
 
     def inline(match: re.Match) -> str:  # relative src="plot.png" -> data: URI
         target = out / match.group(2)

@@ -1,12 +1,12 @@
-"""Bring a trained LoRA-MoE into a pipeline as a ``Model`` artifact: from a path, an s3:// URI or the MLflow registry."""
+"""A trained LoRA-MoE as a ``Model`` artifact: from a path, an s3:// URI or the MLflow model registry."""
 
 from kfp import dsl
 from kfp.dsl import Model, Output
 
-from components.images import TRAINER_IMAGE
+from components.images import LIGHT_IMAGE
 
 
-@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)
 def import_lora_moe(lora_moe_uri: str, lora_moe: Output[Model], tracking: dict, kfp_task_name: str):
     """Copy the Stage-2 checkpoint at ``lora_moe_uri`` into the ``lora_moe`` artifact after checking it loads.
 

@@ -24,12 +24,14 @@ def infer_export(
     tracking: dict,
     kfp_task_name: str,
 ):
-    """Generate one mp4 per prompt into the ``videos`` folder (``lora-moe infer``) and export one LoRA per family
-    under the fixed route of that family into ``instrument_loras`` (``lora-moe export --to comfy``).
+    """Generate one mp4 (and its gates JSON) per prompt into the ``videos`` folder (``lora-moe infer``) and export
+    one LoRA per family under that family's fixed route into ``instrument_loras`` (``lora-moe export --to comfy``).
 
-    ``prompts`` is a list of ``{"prompt": ..., "instrument_hint": ...}`` (hint optional: routing then follows the
-    prompt's own words) or of plain strings.
+    ``prompts`` is a list of plain strings or of ``lora-moe infer --prompts_file`` JSONL objects:
+    ``{"prompt": ..., "instrument_hint": ...}`` (hint optional: routing then follows the prompt's own words; also
+    ``seed``, ``negative_prompt``). Prompt i gets seed ``seed + i`` unless it names one.
     """
+    import json
     import os
     import re
     import tempfile
@@ -44,33 +46,75 @@ def infer_export(
     clips.mkdir(parents=True, exist_ok=True)
     loras.mkdir(parents=True, exist_ok=True)
     common = ["--alpha_base", str(alpha_base), "--alpha_expert", str(alpha_expert)]
-    with start_tracker("infer-export", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"), tags={"stage": "infer"},
-                       parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
-                       output_dir=tempfile.mkdtemp(prefix="infer-")) as run:  # fmt: skip
-        run.log_params({"prompts": prompts, "num_frames": num_frames, "height": height, "width": width,
-                        "num_inference_steps": num_inference_steps, "alpha_base": alpha_base,
-                        "alpha_expert": alpha_expert})  # fmt: skip
-        written = []
-        for index, item in enumerate(prompts):
-            item = item if isinstance(item, dict) else {"prompt": str(item)}
-            hint = item.get("instrument_hint") or ""
-            name = f"{index:02d}_{re.sub(r'[^A-Za-z0-9]+', '_', hint).strip('_') or 'prompt'}.mp4"
-            argv = ["infer", "--task", task, "--lora_moe_weights", lora_moe.path, "--prompt", item["prompt"],
-                    "--output_path", str(clips / name), "--num_frames", str(num_frames), "--height", str(height),
-                    "--width", str(width), "--num_inference_steps", str(num_inference_steps),
-                    "--seed", str(seed + index), *common]  # fmt: skip
-            argv += ["--instrument_hint", hint] if hint else []
-            argv += ["--model", base_model_uri] if base_model_uri else []
-            code = main(argv)
-            if code != 0:
-                raise SystemExit(f"lora-moe infer failed with exit code {code} on prompt {index} (see above)")
-            written.append({"file": name, **item})
+    scratch = tempfile.mkdtemp(prefix="infer-")
+    with start_tracker(
+        "infer-export",
+        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
+        tags={"stage": "infer"},
+        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
+        output_dir=scratch,
+    ) as run:
+        run.log_params(
+            {
+                "prompts": prompts,
+                "num_frames": num_frames,
+                "height": height,
+                "width": width,
+                "num_inference_steps": num_inference_steps,
+                "alpha_base": alpha_base,
+                "alpha_expert": alpha_expert,
+            }
+        )
+        # one `lora-moe infer` for all prompts: the model is loaded once
+        entries = [dict(item) if isinstance(item, dict) else {"prompt": str(item)} for item in prompts]
+        for index, entry in enumerate(entries):
+            entry["seed"] = int(entry.get("seed", seed + index))  # KFP hands JSON numbers over as floats
+            hint = entry.get("instrument_hint") or "prompt"
+            entry.setdefault("output_path", f"{index:02d}_{re.sub(r'[^A-Za-z0-9]+', '_', hint).strip('_')}.mp4")
+        prompts_file = Path(scratch) / "prompts.jsonl"
+        prompts_file.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
+        argv = [
+            "infer",
+            "--task",
+            task,
+            "--lora_moe_weights",
+            lora_moe.path,
+            "--prompts_file",
+            str(prompts_file),
+            "--output_dir",
+            str(clips),
+            "--num_frames",
+            str(num_frames),
+            "--height",
+            str(height),
+            "--width",
+            str(width),
+            "--num_inference_steps",
+            str(num_inference_steps),
+            *common,
+        ]
+        argv += ["--model", base_model_uri] if base_model_uri else []
+        code = main(argv)
+        if code != 0:
+            raise SystemExit(f"lora-moe infer failed with exit code {code} (see the error above)")
         for family in FAMILIES:
-            code = main(["export", "--lora_moe_weights", lora_moe.path, "--instrument_hint", family, "--to", "comfy",
-                         "--output_dir", str(loras), *common])  # fmt: skip
+            code = main(
+                [
+                    "export",
+                    "--lora_moe_weights",
+                    lora_moe.path,
+                    "--instrument_hint",
+                    family,
+                    "--to",
+                    "comfy",
+                    "--output_dir",
+                    str(loras),
+                    *common,
+                ]
+            )
             if code != 0:
                 raise SystemExit(f"lora-moe export failed with exit code {code} for {family} (see above)")
-        videos.metadata.update({"videos": written})
+        videos.metadata.update({"videos": entries})
         instrument_loras.metadata.update({"format": "comfy", "files": sorted(p.name for p in loras.iterdir())})
         run.log_artifact(clips, "videos")
         run.log_artifact(loras, "instrument_loras")

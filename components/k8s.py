@@ -21,8 +21,9 @@ from components import images
 # Secret key -> environment variable (manifests/base/minio-credentials.secret.yaml). The MLflow secret is optional:
 # a server without authentication needs none; with authentication it holds any of these keys.
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-MLFLOW_SECRET_KEYS = {key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                                           "MLFLOW_TRACKING_TOKEN")}  # fmt: skip
+MLFLOW_SECRET_KEYS = {
+    key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+}
 
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
@@ -47,7 +48,9 @@ class Toleration:
     @classmethod
     def parse(cls, text: str) -> Toleration:
         """``KEY[=VALUE][:EFFECT]``, e.g. ``nvidia.com/gpu:NoSchedule`` or ``pool=a100:NoExecute``."""
-        spec, _, effect = text.rpartition(":") if text.rpartition(":")[2] in EFFECTS else (text, "", "")
+        spec, has_effect, effect = text.rpartition(":")  # label keys and values hold no ':'
+        spec = spec if has_effect else effect
+        effect = effect if has_effect else ""
         key, has_value, value = spec.partition("=")
         return cls(key=key, effect=effect or "NoSchedule", value=value if has_value else None)
 
@@ -82,6 +85,7 @@ class ClusterSettings:
     gpu_timeout_s: int = 12 * 3600
     cpu_timeout_s: int = 3600
     gpu_retries: int = 2  # a pre-empted (spot) GPU node: the step runs again
+    cpu_retries: int = 1
     retry_backoff: str = "120s"
     s3_endpoint_url: str = "http://minio:9000"  # not secrets: plain environment variables of each step;
     mlflow_tracking_uri: str = "http://mlflow:5000"  # "" leaves them to the pod's environment (and to kfp.local's)
@@ -103,8 +107,11 @@ class ClusterSettings:
             if operator not in ("Exists", "Equal"):
                 raise SettingsError(f"LORA_MOE_GPU_TOLERATION_OPERATOR {operator!r} must be Exists or Equal")
             value = env.get("LORA_MOE_GPU_TOLERATION_VALUE", "") if operator == "Equal" else None
-            values["gpu_tolerations"] = (Toleration(env["LORA_MOE_GPU_TOLERATION_KEY"],
-                                                    env.get("LORA_MOE_GPU_TOLERATION_EFFECT", "NoSchedule"), value),)  # fmt: skip
+            values["gpu_tolerations"] = (
+                Toleration(
+                    env["LORA_MOE_GPU_TOLERATION_KEY"], env.get("LORA_MOE_GPU_TOLERATION_EFFECT", "NoSchedule"), value
+                ),
+            )
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def image(self, name: str) -> str:
@@ -124,8 +131,11 @@ class ClusterSettings:
             raise SettingsError(f"invalid image tag {self.image_tag!r}: letters, digits, '_', '.', '-', at most 128")
         if not self.image_registry or any(c.isspace() for c in self.image_registry):
             raise SettingsError(f"invalid image registry {self.image_registry!r}")
-        for what, name in (("MinIO credentials secret", self.s3_secret), ("MLflow credentials secret",
-                           self.mlflow_secret), *(("image pull secret", n) for n in self.image_pull_secrets)):  # fmt: skip
+        for what, name in (
+            ("MinIO credentials secret", self.s3_secret),
+            ("MLflow credentials secret", self.mlflow_secret),
+            *(("image pull secret", n) for n in self.image_pull_secrets),
+        ):
             _check_dns1123(what, name)
         for what, url in (("S3 endpoint", self.s3_endpoint_url), ("MLflow tracking URI", self.mlflow_tracking_uri)):
             if url and not _URL.match(url):
@@ -138,13 +148,19 @@ class ClusterSettings:
             _check_label(toleration.key, toleration.value or "")
             if toleration.effect not in EFFECTS:
                 raise SettingsError(f"toleration effect {toleration.effect!r} is not one of {', '.join(EFFECTS)}")
-        for what, quantity in (("shm size", self.shm_size), ("GPU-step CPU request", self.gpu_cpu_request),
-                               ("GPU-step memory request", self.gpu_memory_request),
-                               ("CPU-step CPU request", self.cpu_cpu_request),
-                               ("CPU-step memory request", self.cpu_memory_request)):  # fmt: skip
+        for what, quantity in (
+            ("shm size", self.shm_size),
+            ("GPU-step CPU request", self.gpu_cpu_request),
+            ("GPU-step memory request", self.gpu_memory_request),
+            ("CPU-step CPU request", self.cpu_cpu_request),
+            ("CPU-step memory request", self.cpu_memory_request),
+        ):
             if not _QUANTITY.match(quantity):
                 raise SettingsError(f"{what} {quantity!r} is not a Kubernetes quantity (e.g. 500m, 8, 64Gi)")
-        if min(self.train_timeout_s, self.gpu_timeout_s, self.cpu_timeout_s) <= 0 or self.gpu_retries < 0:
+        if (
+            min(self.train_timeout_s, self.gpu_timeout_s, self.cpu_timeout_s) <= 0
+            or min(self.gpu_retries, self.cpu_retries) < 0
+        ):
             raise SettingsError("timeouts must be > 0 seconds and retries >= 0")
         if not _DURATION.match(self.retry_backoff):
             raise SettingsError(f"retry backoff {self.retry_backoff!r} must look like 120s, 5m or 1h")
@@ -153,14 +169,20 @@ class ClusterSettings:
 
 def _check_dns1123(what: str, name: str) -> None:
     if not name or len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
-        raise SettingsError(f"{what} name {name!r} is not a valid Kubernetes name "
-                            "(DNS-1123: lowercase letters, digits, '-' and '.', starting and ending alphanumeric)")  # fmt: skip
+        raise SettingsError(
+            f"{what} name {name!r} is not a valid Kubernetes name "
+            "(DNS-1123: lowercase letters, digits, '-' and '.', starting and ending alphanumeric)"
+        )
 
 
 def _check_label(key: str, value: str) -> None:
     prefix, _, name = key.rpartition("/")
-    if (not name or len(name) > 63 or not _LABEL_NAME.match(name)
-            or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))):  # fmt: skip
+    if (
+        not name
+        or len(name) > 63
+        or not _LABEL_NAME.match(name)
+        or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))
+    ):
         raise SettingsError(f"invalid node label key {key!r} (e.g. lora-moe/pool or cloud.google.com/gke-nodepool)")
     if len(value) > 63 or not _LABEL_NAME.match(value):
         raise SettingsError(f"invalid node label value {value!r} for {key!r} (at most 63 of A-Z a-z 0-9 - _ .)")
@@ -186,10 +208,12 @@ def gpu_task(task, settings: ClusterSettings, gpus=1, timeout_s: int | None = No
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in settings.gpu_tolerations:
         operator = "Equal" if toleration.value is not None else "Exists"
-        kubernetes.add_toleration(task, key=toleration.key, operator=operator, value=toleration.value,
-                                  effect=toleration.effect)  # fmt: skip
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                               size_limit=settings.shm_size)  # fmt: skip
+        kubernetes.add_toleration(
+            task, key=toleration.key, operator=operator, value=toleration.value, effect=toleration.effect
+        )
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=settings.shm_size
+    )
     if settings.gpu_retries:
         task.set_retry(num_retries=settings.gpu_retries, backoff_duration=settings.retry_backoff, backoff_factor=2.0)
     return task
@@ -199,7 +223,8 @@ def cpu_task(task, settings: ClusterSettings, image: str | None = None, caching:
     """Place a small step on any node: the light CPU image (or ``image``), small requests, a short timeout."""
     _common(task, settings, image or settings.light_image, settings.cpu_timeout_s, caching)
     task.set_cpu_request(settings.cpu_cpu_request).set_memory_request(settings.cpu_memory_request)
-    task.set_retry(num_retries=1, backoff_duration="30s")
+    if settings.cpu_retries:
+        task.set_retry(num_retries=settings.cpu_retries, backoff_duration="30s")
     return task
 
 
@@ -211,8 +236,9 @@ def use_credentials(task, settings: ClusterSettings, s3: bool = True, mlflow: bo
         if settings.s3_endpoint_url:
             task.set_env_variable("S3_ENDPOINT_URL", settings.s3_endpoint_url)
     if mlflow:
-        kubernetes.use_secret_as_env(task, secret_name=settings.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS,
-                                     optional=True)  # fmt: skip
+        kubernetes.use_secret_as_env(
+            task, secret_name=settings.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True
+        )
         if settings.mlflow_tracking_uri:
             task.set_env_variable("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
     return task

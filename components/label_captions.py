@@ -20,8 +20,13 @@ def label_captions(dataset_uri: str, labels: Output[Dataset], tracking: dict, kf
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = tempfile.mkdtemp(prefix="label-")
-    with start_tracker("label", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"), tags={"stage": "label"},
-                       parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"), output_dir=scratch) as run:  # fmt: skip
+    with start_tracker(
+        "label",
+        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
+        tags={"stage": "label"},
+        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
+        output_dir=scratch,
+    ) as run:
         code = main(["label", "--dataset", dataset_uri, "--output", labels.path])
         if code != 0:
             raise SystemExit(f"lora-moe label failed with exit code {code} (see the error above)")

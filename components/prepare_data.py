@@ -1,6 +1,6 @@
 """First data step: write the synthetic demo datasets when asked, check both datasets, and lay out the run's URIs."""
 
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 from kfp import dsl
 
@@ -39,11 +39,18 @@ def prepare_data(
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     storage, scratch = Storage(), tempfile.mkdtemp(prefix="prepare-data-")
     width, height, frames = (int(value) for value in synthetic_size)
-    with start_tracker("prepare-data", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"), tags={"stage": "data"},
-                       parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"), output_dir=scratch) as run:  # fmt: skip
+    with start_tracker(
+        "prepare-data",
+        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
+        tags={"stage": "data"},
+        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
+        output_dir=scratch,
+    ) as run:
         counts = {}
-        for name, uri, clips, offset in (("train", dataset_uri, synthetic_clips, 0),
-                                         ("heldout", eval_dataset_uri, synthetic_eval_clips, 1000)):  # fmt: skip
+        for name, uri, clips, offset in (
+            ("train", dataset_uri, synthetic_clips, 0),
+            ("heldout", eval_dataset_uri, synthetic_eval_clips, 1000),
+        ):
             if clips > 0:
                 folder = os.path.join(scratch, name) if is_s3(uri) else uri
                 generate_dataset(folder, clips, seed=seed + offset, width=width, height=height, num_frames=frames)
@@ -54,7 +61,9 @@ def prepare_data(
             if counts[name] == 0:
                 raise UserError(f"{name} dataset {uri} has no clips")
             print(f"{name} dataset {uri}: {counts[name]} clips")
-        run.log_params({"dataset_uri": dataset_uri, "eval_dataset_uri": eval_dataset_uri, "synthetic_clips": synthetic_clips})
+        run.log_params(
+            {"dataset_uri": dataset_uri, "eval_dataset_uri": eval_dataset_uri, "synthetic_clips": synthetic_clips}
+        )
         run.log_metrics({"clips.train": counts["train"], "clips.heldout": counts["heldout"]}, step=0)
     run_uri = join(work_uri, tracking.get("KFP_RUN_ID") or "run")
     cache_root = cache_uri or join(run_uri, "cache")
@@ -63,7 +72,7 @@ def prepare_data(
 
 
 @dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)
-def plan_shards(clips: int, cache_shards: int, train_cache_uri: str, tracking: dict) -> List[dict]:
+def plan_shards(clips: int, cache_shards: int, train_cache_uri: str, tracking: dict) -> list[dict]:
     """The latent-cache fan-out: ``min(cache_shards, clips)`` items ``{shard: "i/n", output_uri, tracking}``.
 
     Each item carries everything a shard task needs from upstream steps: ``kfp.local`` 2.17.3 replaces any
@@ -71,4 +80,6 @@ def plan_shards(clips: int, cache_shards: int, train_cache_uri: str, tracking: d
     parameters and constants are safe there.
     """
     count = max(1, min(int(cache_shards), int(clips)))
-    return [{"shard": f"{index}/{count}", "output_uri": train_cache_uri, "tracking": tracking} for index in range(count)]
+    return [
+        {"shard": f"{index}/{count}", "output_uri": train_cache_uri, "tracking": tracking} for index in range(count)
+    ]

@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Input, Model
 
-from components.images import TRAINER_IMAGE
+from components.images import LIGHT_IMAGE
 
 
-@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)
 def register_model(
     lora_moe: Input[Model],
     model_name: str,
@@ -28,15 +28,25 @@ def register_model(
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = Path(tempfile.mkdtemp(prefix="register-"))
     folder = package_model(lora_moe.path, scratch / "model", alpha_base=alpha_base, alpha_expert=alpha_expert)
-    with start_tracker(f"register-{model_name}", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
-                       tags={"stage": "register"}, parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
-                       output_dir=scratch) as run:  # fmt: skip
+    with start_tracker(
+        f"register-{model_name}",
+        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
+        tags={"stage": "register"},
+        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
+        output_dir=scratch,
+    ) as run:
         if not isinstance(run, MLflowTracker):
             print("MLflow tracking is off: nothing registered")
             return ""
         run.log_artifact(folder, "model")
-        version = register_model(run, model_name, "model", run.run_id, alias=alias,
-                                 tags={"kfp.run_id": tracking.get("KFP_RUN_ID", ""), "format": "safetensors"})  # fmt: skip
+        version = register_model(
+            run,
+            model_name,
+            "model",
+            run.run_id,
+            alias=alias,
+            tags={"kfp.run_id": tracking.get("KFP_RUN_ID", ""), "format": "safetensors"},
+        )
         run.set_tags({"registered_model": f"{model_name}/{version}"})
     print(f"registered {model_name} version {version} (alias {alias!r})")
     return version

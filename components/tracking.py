@@ -24,8 +24,12 @@ def start_tracking(experiment: str, pipeline: str, kfp_run_id: str, kfp_run_name
 
     env = {"KFP_RUN_ID": kfp_run_id, "KFP_RUN_NAME": kfp_run_name, "MLFLOW_EXPERIMENT_NAME": experiment}
     os.environ.update(env)
-    run_id = start_parent_run(kfp_run_name or pipeline, experiment, tags={"kfp.pipeline": pipeline, "stage": "pipeline"},
-                              output_dir=tempfile.mkdtemp(prefix="tracking-"))  # fmt: skip
+    run_id = start_parent_run(
+        kfp_run_name or pipeline,
+        experiment,
+        tags={"kfp.pipeline": pipeline, "stage": "pipeline"},
+        output_dir=tempfile.mkdtemp(prefix="tracking-"),
+    )
     print(f"MLflow parent run {run_id or '(none)'} in experiment {experiment!r} at {resolve_tracking_uri()}")
     return {**env, "MLFLOW_PARENT_RUN_ID": run_id or ""}
 
@@ -52,8 +56,8 @@ def finish_tracking(tracking: dict = {}, final_stage: str = "register"):  # noqa
         os.environ.setdefault(key, value)
     try:
         client = MlflowClient(resolve_tracking_uri())
-        experiment_id = client.get_run(parent_id).info.experiment_id
-        children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+        experiments = [e.experiment_id for e in client.search_experiments()]  # a step may log to another experiment
+        children = client.search_runs(experiments, f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
         latest: dict = {}
         for run in sorted(children, key=lambda r: r.info.start_time or 0):  # a retried step: its last attempt counts
             key = (run.data.tags.get("kfp.task", ""), run.info.run_name)
@@ -63,8 +67,9 @@ def finish_tracking(tracking: dict = {}, final_stage: str = "register"):  # noqa
         for run in latest.values():
             if run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, status="FAILED")
-        failed = sorted(f"{run.info.run_name} ({run.info.status})" for run in latest.values()
-                        if run.info.status != "FINISHED")  # fmt: skip
+        failed = sorted(
+            f"{run.info.run_name} ({run.info.status})" for run in latest.values() if run.info.status != "FINISHED"
+        )
         done = any(r.data.tags.get("stage") == final_stage and r.info.status == "FINISHED" for r in latest.values())
     except Exception as exc:  # noqa: BLE001 - bookkeeping only
         print(f"warning: cannot read the step runs of MLflow run {parent_id}: {exc}")

@@ -7,7 +7,7 @@ Both return the Stage-1 LoRA's URI in the run's store (a string, so ``dsl.OneOf`
 from kfp import dsl
 from kfp.dsl import Metrics, Model, Output
 
-from components.images import TRAINER_IMAGE
+from components.images import LIGHT_IMAGE, TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -28,9 +28,10 @@ def train_stage1(
 ) -> str:
     """Train the vanilla LoRA on the latent cache; returns ``<run_uri>/stage1/lora_final.safetensors``.
 
-    ``config`` is a TOML path, relative to the working directory or to the folder holding ``lora_moe_core``
-    (the image's ``configs/``); the other arguments override it. ``gpus`` > 1 launches one process per GPU
-    (``accelerate launch``). The step's MLflow run is opened by the trainer as a child of the pipeline's run.
+    ``config`` is a TOML path relative to the working directory (the images' ``/app``, holding ``configs/``) or
+    to the folder holding ``lora_moe_core``; the other arguments override it. ``gpus`` > 1 launches one process
+    per GPU with ``torchrun`` (as manifests/optional/pytorchjob-stage2.yaml). The trainer opens the step's MLflow
+    run, a child of the pipeline's (``MLFLOW_PARENT_RUN_ID``).
     """
     import json
     import os
@@ -49,13 +50,31 @@ def train_stage1(
     if not config_path.is_absolute() and not config_path.exists():
         config_path = Path(lora_moe_core.__file__).resolve().parents[1] / config
     out = Path(tempfile.mkdtemp(prefix="stage1-")) / "vanilla_lora"
-    argv = ["train", "--config", str(config_path), "--training_stage", "stage_a", "--task", task, "--cache", cache_uri,
-            "--output_dir", str(out), "--num_train_epochs", str(num_train_epochs), "--learning_rate", str(learning_rate),
-            "--seed", str(seed), "--experiment", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe")]  # fmt: skip
+    argv = [
+        "train",
+        "--config",
+        str(config_path),
+        "--training_stage",
+        "stage_a",
+        "--task",
+        task,
+        "--cache",
+        cache_uri,
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        str(num_train_epochs),
+        "--learning_rate",
+        str(learning_rate),
+        "--seed",
+        str(seed),
+        "--experiment",
+        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
+    ]
     argv += ["--model", base_model_uri] if base_model_uri else []
     if gpus > 1:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m", "lora_moe_core"]
-        code = subprocess.run([*launch, *argv], check=False).returncode
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "-m", "lora_moe_core"]
+        code = subprocess.run([*torchrun, *argv], check=False).returncode
     else:
         code = main(argv)
     if code != 0:
@@ -71,7 +90,7 @@ def train_stage1(
     return join(stage_uri, "lora_final.safetensors")
 
 
-@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)
 def import_stage1(stage1_lora_uri: str, lora: Output[Model], tracking: dict, kfp_task_name: str) -> str:
     """Check the user's Stage-1 LoRA (musubi, ComfyUI or diffusers keys; local or s3://) and pass its URI on."""
     import os
@@ -85,8 +104,13 @@ def import_stage1(stage1_lora_uri: str, lora: Output[Model], tracking: dict, kfp
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = Path(tempfile.mkdtemp(prefix="import-stage1-"))
-    with start_tracker("import-stage1", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"), tags={"stage": "stage_a"},
-                       parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"), output_dir=scratch) as run:  # fmt: skip
+    with start_tracker(
+        "import-stage1",
+        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
+        tags={"stage": "stage_a"},
+        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
+        output_dir=scratch,
+    ) as run:
         local = Storage().download(stage1_lora_uri, scratch / "stage1.safetensors") if is_s3(stage1_lora_uri) else None
         weights = read_lora(str(local or stage1_lora_uri))  # UserError (one line) on a file that is not a Wan LoRA
         ranks = sorted({module.rank for module in weights.modules.values()})

@@ -1,4 +1,4 @@
-"""Stage 2: four expert LoRAs + router on top of the frozen Stage-1 LoRA (``lora-moe train --training_stage stage_b``)."""
+"""Stage 2: four expert LoRAs + router on the frozen Stage-1 LoRA (``lora-moe train --training_stage stage_b``)."""
 
 from kfp import dsl
 from kfp.dsl import Metrics, Model, Output
@@ -49,14 +49,33 @@ def train_stage2(
     if is_s3(stage1_lora_uri):
         base_lora = str(Storage().download(stage1_lora_uri, scratch / "stage1" / "lora_final.safetensors"))
     out = scratch / "lora_moe_stage_b"
-    argv = ["train", "--config", str(config_path), "--training_stage", "stage_b", "--task", task, "--cache", cache_uri,
-            "--base_lora_weights", base_lora, "--output_dir", str(out), "--num_train_epochs", str(num_train_epochs),
-            "--learning_rate", str(learning_rate), "--seed", str(seed),
-            "--experiment", tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe")]  # fmt: skip
+    argv = [
+        "train",
+        "--config",
+        str(config_path),
+        "--training_stage",
+        "stage_b",
+        "--task",
+        task,
+        "--cache",
+        cache_uri,
+        "--base_lora_weights",
+        base_lora,
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        str(num_train_epochs),
+        "--learning_rate",
+        str(learning_rate),
+        "--seed",
+        str(seed),
+        "--experiment",
+        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
+    ]
     argv += ["--model", base_model_uri] if base_model_uri else []
     if gpus > 1:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m", "lora_moe_core"]
-        code = subprocess.run([*launch, *argv], check=False).returncode
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "-m", "lora_moe_core"]
+        code = subprocess.run([*torchrun, *argv], check=False).returncode
     else:
         code = main(argv)
     if code != 0:
@@ -68,5 +87,6 @@ def train_stage2(
             metrics.log_metric(key, float(value))
     stage_uri = join(run_uri, "stage2")
     Storage().sync_dir_to(out, stage_uri)
-    lora_moe.metadata.update({"stage": "stage_b", "stage1_lora_uri": stage1_lora_uri,
-                              "uri": join(stage_uri, "lora_moe_final.safetensors")})  # fmt: skip
+    lora_moe.metadata.update(
+        {"stage": "stage_b", "stage1_lora_uri": stage1_lora_uri, "uri": join(stage_uri, "lora_moe_final.safetensors")}
+    )

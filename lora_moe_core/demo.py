@@ -73,9 +73,25 @@ def run_demo(output_dir: str | Path, seed: int = 0, num_videos: int = 32) -> Non
               "--alpha_base", "0.7", "--alpha_expert", "1.0", "--to", "comfy", "--dtype", "fp32",
               "--output_dir", str(out / "export")]  # fmt: skip
     _run("7 per-instrument export", export)
+    _run("8 held-out clips", ["synth-data", "--output", str(out / "heldout"), "--num_videos", "8",
+                              "--seed", str(seed + 1)])  # fmt: skip
+    _run("9 held-out cache", ["cache", "--dataset", str(out / "heldout"), "--task", "tiny",
+                              "--output", str(out / "heldout_cache")])  # fmt: skip
+    _run("10 evaluation", ["evaluate", "--task", "tiny", "--lora_moe_weights", str(checkpoint),
+                           "--base_lora_weights", str(stage1 / "lora_final.safetensors"),
+                           "--cache", str(out / "heldout_cache"), "--output_dir", str(out / "evaluation"),
+                           "--classifier_weights", str(out / "classifier.safetensors"),
+                           "--samples_per_family", "1", "--sample_steps", "4"])  # fmt: skip
+    _run("11 inference", ["infer", "--task", "tiny", "--lora_moe_weights", str(checkpoint),
+                          "--prompt", "电凝钩切割组织",
+                          "--instrument_hint", "Hook/Electrocautery", "--alpha_base", "0.7", "--alpha_expert", "1.0",
+                          "--num_frames", "17", "--height", "64", "--width", "64", "--num_inference_steps", "8",
+                          "--output_path", str(out / "output.mp4")])  # fmt: skip
     exported = sorted((out / "export").glob("Hook*.safetensors"))[0]
     error = _diffusers_parity(checkpoint, exported, ["Hook"])
-    print(f"\n[8] diffusers' own loader on {exported.name} reproduces the LoRA-MoE at t=950: rel. error {error:.1e}")
+    print(f"\n[12] diffusers' own loader on {exported.name} reproduces the LoRA-MoE at t=950: rel. error {error:.1e}")
     print(f"\ndone. Stage-2 checkpoint: {checkpoint}")
     print(f"      exported LoRAs:     {out / 'export'}")
+    print(f"      evaluation report:  {out / 'evaluation' / 'report.html'}")
+    print(f"      generated video:    {out / 'output.mp4'}")
     print(f"      MLflow runs:        mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']}")

@@ -156,4 +156,22 @@ def run_evaluation(settings: EvaluationSettings) -> dict[str, float]:
                                           out / "gate_vs_timestep.png")]  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     report.write_report(metrics, plots, videos, out / "report.html")
+    _track(settings, metrics, out)
     return metrics
+
+
+def _track(settings: EvaluationSettings, metrics: dict, out: Path) -> None:
+    """Log the metrics and every file of the report to MLflow (a child of the pipeline run when there is one)."""
+    import os
+
+    from lora_moe_core.tracking import start_tracker
+
+    tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
+                            parent_run_id=os.environ.get("MLFLOW_PARENT_RUN_ID") or None)  # fmt: skip
+    tracker.log_params({"evaluate": {k: str(v) for k, v in settings.__dict__.items()}})
+    tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
+    for name in ("metrics.json", "report.html"):
+        tracker.log_artifact(out / name, "evaluation")
+    for path in [*out.glob("*.png"), *(out / "samples").glob("*.mp4")]:
+        tracker.log_artifact(path, "evaluation" if path.suffix == ".png" else "evaluation/samples")
+    tracker.close("FINISHED")

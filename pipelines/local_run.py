@@ -1,4 +1,4 @@
-"""Run the whole training pipeline on this machine with ``kfp.local`` (what ``make run`` does).
+"""Run a pipeline on this machine with ``kfp.local``: the whole training DAG (what ``make run`` does) or inference.
 
 The same components run as on the cluster, each in its own Python process (``SubprocessRunner(use_venv=False)``:
 this interpreter, no pip), on the tiny random WAN2.2 (``task=tiny``) and synthetic clips. Big data goes to the
@@ -29,6 +29,7 @@ TINY_PROMPTS = [{"prompt": "电凝钩切割组织", "instrument_hint": "Hook/Ele
 class LocalRun:
     """What one local run is made of; ``arguments()`` turns it into the pipeline's arguments."""
 
+    pipeline: str = "training"  # or "inference" (default model: the registry's lora-moe-surgical@candidate)
     output_dir: Path = Path("outputs/pipeline")
     store: str | None = None  # local folder or s3://bucket/prefix; default <output_dir>/store
     tracking_uri: str | None = None  # default MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
@@ -47,14 +48,22 @@ class LocalRun:
         return self.store or str((self.output_dir / "store").resolve())
 
     def resolved_tracking_uri(self) -> str:
-        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{(self.output_dir / 'mlflow.db').resolve()}")  # fmt: skip
+        return (
+            self.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(self.output_dir / 'mlflow.db').resolve()}"
+        )
 
     def arguments(self) -> dict[str, Any]:
         from lora_moe_core.storage import join
 
-        store = self.store_uri
         width, height, frames = self.sample_size
+        if self.pipeline == "inference":
+            arguments = {"lora_moe_uri": "models:/lora-moe-surgical@candidate", "base_model_uri": "", "task": "tiny",
+                         "prompts": TINY_PROMPTS, "num_frames": frames, "height": height, "width": width,
+                         "num_inference_steps": self.sample_steps}  # fmt: skip
+            return self._with_overrides(arguments)
+        store = self.store_uri
         arguments = {
             "dataset_uri": join(store, "datasets", "train"),
             "eval_dataset_uri": join(store, "datasets", "heldout"),
@@ -79,10 +88,13 @@ class LocalRun:
             "sample_frames": frames,
             "prompts": TINY_PROMPTS,
         }
-        unknown = sorted(set(self.overrides) - set(pipeline_parameters()))
+        return self._with_overrides(arguments)
+
+    def _with_overrides(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        known = pipeline_parameters(self.pipeline)
+        unknown = sorted(set(self.overrides) - set(known))
         if unknown:
-            raise UserError(f"unknown pipeline parameter(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(pipeline_parameters()))}")  # fmt: skip
+            raise UserError(f"unknown pipeline parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return {**arguments, **self.overrides}
 
 
@@ -93,17 +105,16 @@ class LocalResult:
     seconds: float
     outputs: dict[str, str]  # output name -> local path
     tracking_uri: str
-    store: str
+    store: str | None  # None for the inference pipeline
 
     def summary(self) -> list[str]:
         """The lines printed at the end of ``lora-moe pipeline run``."""
-        paths = self.outputs
-        lines = [f"done in {self.seconds:.0f} s.",
-                 f"  Stage-2 checkpoint:   {paths.get('lora_moe', '?')}",
-                 f"  evaluation report:    {paths.get('report', '?')}",
-                 f"  sample videos:        {paths.get('videos', '?')}",
-                 f"  per-instrument LoRAs: {paths.get('instrument_loras', '?')}",
-                 f"  big data (store):     {self.store}"]  # fmt: skip
+        labels = {"lora_moe": "Stage-2 checkpoint", "report": "evaluation report", "videos": "sample videos",
+                  "instrument_loras": "per-instrument LoRAs"}  # fmt: skip
+        lines = [f"done in {self.seconds:.0f} s."]
+        lines += [f"  {label + ':':<22}{self.outputs[key]}" for key, label in labels.items() if key in self.outputs]
+        if self.store:
+            lines.append(f"  {'big data (store):':<22}{self.store}")
         if self.tracking_uri.startswith(("http://", "https://")):
             lines.append(f"  MLflow runs:          {self.tracking_uri} (experiment lora-moe)")
         else:
@@ -111,13 +122,13 @@ class LocalResult:
         return lines
 
 
-def pipeline_parameters() -> dict[str, Any]:
-    """The training pipeline's parameters and their defaults."""
+def pipeline_parameters(name: str = "training") -> dict[str, Any]:
+    """A pipeline's parameters and their defaults."""
     import inspect
 
-    from pipelines.training import lora_moe_training
+    from pipelines.compile import build
 
-    return {name: p.default for name, p in inspect.signature(lora_moe_training.pipeline_func).parameters.items()}
+    return {key: p.default for key, p in inspect.signature(build(name).pipeline_func).parameters.items()}
 
 
 @contextlib.contextmanager
@@ -151,7 +162,7 @@ def _check_store(store: str) -> None:
 
 
 def run_local(run: LocalRun) -> LocalResult:
-    """Run the training pipeline with ``kfp.local`` and return where its outputs are.
+    """Run the pipeline with ``kfp.local`` and return where its outputs are.
 
     Raises:
         UserError: for bad settings (store, parameters) before anything runs.
@@ -160,19 +171,27 @@ def run_local(run: LocalRun) -> LocalResult:
     from kfp import local
 
     from components.k8s import ClusterSettings
-    from pipelines.training import build_training_pipeline
+    from pipelines.compile import build
 
     arguments = run.arguments()
-    _check_store(run.store_uri)
+    if run.pipeline == "training":
+        _check_store(run.store_uri)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = run.resolved_tracking_uri()
     (run.output_dir / "arguments.json").write_text(json.dumps(arguments, indent=2, ensure_ascii=False))
     started = time.monotonic()
-    # every step is a child process of this one: they read the tracking URI and S3 settings from the environment
-    with _environment({"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_LOGGING_LEVEL": "WARNING"}):
+    # every step is a child process of this one: they read the tracking URI and S3 settings from the environment.
+    # One OpenMP thread per step: the tiny model's ops are too small to split, and shards run side by side.
+    env = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    with _environment(env):
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run.output_dir / "kfp"))
-        # endpoints from this process's environment, not the cluster's service names
-        pipeline = build_training_pipeline(ClusterSettings(s3_endpoint_url="", mlflow_tracking_uri=""))
-        task = pipeline(**arguments)
+        # endpoints from this process's environment, not the cluster's service names; a failed step fails at once
+        local_settings = ClusterSettings(s3_endpoint_url="", mlflow_tracking_uri="", gpu_retries=0, cpu_retries=0)
+        task = build(run.pipeline, local_settings)(**arguments)
     outputs = {name: getattr(artifact, "path", str(artifact)) for name, artifact in task.outputs.items()}
-    return LocalResult(time.monotonic() - started, outputs, tracking_uri, run.store_uri)
+    store = run.store_uri if run.pipeline == "training" else None
+    return LocalResult(time.monotonic() - started, outputs, tracking_uri, store)

@@ -28,26 +28,30 @@ from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
 from pipelines.defaults import PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
 
 PIPELINE_NAME = "lora-moe-training"
+SYNTHETIC_SIZE = [128, 96, 33]  # width, height, frames of synthetic clips
 
-TrainingOutputs = NamedTuple(
-    "TrainingOutputs",
-    [("lora_moe", Model), ("stage2_metrics", Metrics), ("eval_metrics", Metrics), ("report", HTML),
-     ("videos", Artifact), ("instrument_loras", Model)],
-)  # fmt: skip
+
+class TrainingOutputs(NamedTuple):
+    lora_moe: Model
+    stage2_metrics: Metrics
+    eval_metrics: Metrics
+    report: HTML
+    videos: Artifact
+    instrument_loras: Model
 
 
 def build_training_pipeline(settings: ClusterSettings | None = None):
     """The ``@dsl.pipeline`` for ``settings`` (validated; default: ``ClusterSettings.from_env()``)."""
     s = (settings or ClusterSettings.from_env()).validate()
 
-    def cpu(task, image=None, s3=True, mlflow=True, caching=False):
-        return use_credentials(cpu_task(task, s, image=image, caching=caching), s, s3=s3, mlflow=mlflow)
+    def cpu(task, s3=True, mlflow=True):
+        return use_credentials(cpu_task(task, s), s, s3=s3, mlflow=mlflow)
 
     def gpu(task, gpus=1, timeout_s=None):
         return use_credentials(gpu_task(task, s, gpus=gpus, timeout_s=timeout_s), s)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="LoRA mixture of experts for WAN2.2 surgical video, two stages")
-    def lora_moe_training(  # noqa: B006 - KFP pipeline defaults are literals shown in the run form
+    def lora_moe_training(
         dataset_uri: str = "s3://lora-moe-data/datasets/surgical/train",
         eval_dataset_uri: str = "s3://lora-moe-data/datasets/surgical/heldout",
         stage1_lora_uri: str = "",
@@ -75,7 +79,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         alpha_expert: float = 1.0,
         synthetic_clips: int = 0,
         synthetic_eval_clips: int = 0,
-        synthetic_size: list = [128, 96, 33],
+        synthetic_size: list = SYNTHETIC_SIZE,
         mlflow_experiment: str = "lora-moe",
         model_name: str = "lora-moe-surgical",
         model_alias: str = "candidate",
@@ -94,64 +98,164 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         Big data (clips, caches, base weights) is addressed by ``s3://`` URIs or local paths; gpus_per_step applies
         to the two training steps (caching, evaluation and inference use one GPU each).
         """
-        start = cpu(start_tracking(experiment=mlflow_experiment, pipeline=PIPELINE_NAME,
-                                   kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                                   kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), s3=False)  # fmt: skip
+        start = cpu(
+            start_tracking(
+                experiment=mlflow_experiment,
+                pipeline=PIPELINE_NAME,
+                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            ),
+            s3=False,
+        )
         context = {"tracking": start.output, "kfp_task_name": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
-        data = cpu(prepare_data(dataset_uri=dataset_uri, eval_dataset_uri=eval_dataset_uri, work_uri=work_uri,
-                                cache_uri=cache_uri, synthetic_clips=synthetic_clips,
-                                synthetic_eval_clips=synthetic_eval_clips, synthetic_size=synthetic_size, seed=seed,
-                                **context))  # fmt: skip
+        data = cpu(
+            prepare_data(
+                dataset_uri=dataset_uri,
+                eval_dataset_uri=eval_dataset_uri,
+                work_uri=work_uri,
+                cache_uri=cache_uri,
+                synthetic_clips=synthetic_clips,
+                synthetic_eval_clips=synthetic_eval_clips,
+                synthetic_size=synthetic_size,
+                seed=seed,
+                **context,
+            )
+        )
         labels = cpu(label_captions(dataset_uri=dataset_uri, **context).after(data))
         eval_labels = cpu(label_captions(dataset_uri=eval_dataset_uri, **context).after(data))
         labels.set_display_name("label-captions-train")
         eval_labels.set_display_name("label-captions-heldout")
 
-        shards = cpu(plan_shards(clips=data.outputs["clips"], cache_shards=cache_shards,
-                                 train_cache_uri=data.outputs["train_cache_uri"], tracking=start.output),
-                     s3=False, mlflow=False, caching=True)  # fmt: skip
+        shards = cpu(
+            plan_shards(
+                clips=data.outputs["clips"],
+                cache_shards=cache_shards,
+                train_cache_uri=data.outputs["train_cache_uri"],
+                tracking=start.output,
+            ),
+            s3=False,
+            mlflow=False,
+        )
         with dsl.ParallelFor(shards.output, name="cache-shards") as shard:
-            cache = gpu(cache_latents(dataset_uri=dataset_uri, labels=labels.outputs["labels"],
-                                      output_uri=shard.output_uri, shard=shard.shard, task=task,
-                                      base_model_uri=base_model_uri, target_frames=target_frames,
-                                      tracking=shard.tracking, kfp_task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER))  # fmt: skip
-        eval_cache = gpu(cache_latents(dataset_uri=eval_dataset_uri, labels=eval_labels.outputs["labels"],
-                                       output_uri=data.outputs["eval_cache_uri"], shard="0/1", task=task,
-                                       base_model_uri=base_model_uri, target_frames=target_frames, **context))  # fmt: skip
+            cache = gpu(
+                cache_latents(
+                    dataset_uri=dataset_uri,
+                    labels=labels.outputs["labels"],
+                    output_uri=shard.output_uri,
+                    shard=shard.shard,
+                    task=task,
+                    base_model_uri=base_model_uri,
+                    target_frames=target_frames,
+                    tracking=shard.tracking,
+                    kfp_task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+                )
+            )
+        eval_cache = gpu(
+            cache_latents(
+                dataset_uri=eval_dataset_uri,
+                labels=eval_labels.outputs["labels"],
+                output_uri=data.outputs["eval_cache_uri"],
+                shard="0/1",
+                task=task,
+                base_model_uri=base_model_uri,
+                target_frames=target_frames,
+                **context,
+            )
+        )
         eval_cache.set_display_name("cache-latents-heldout")
 
         with dsl.If(stage1_lora_uri == "", name="train-stage-1"):
-            stage1 = gpu(train_stage1(cache_uri=data.outputs["train_cache_uri"], config=stage1_config, task=task,
-                                      base_model_uri=base_model_uri, num_train_epochs=stage1_epochs,
-                                      learning_rate=stage1_learning_rate, seed=seed, gpus=gpus_per_step,
-                                      run_uri=data.outputs["run_uri"], **context).after(cache),
-                         gpus=gpus_per_step, timeout_s=s.train_timeout_s)  # fmt: skip
+            stage1 = gpu(
+                train_stage1(
+                    cache_uri=data.outputs["train_cache_uri"],
+                    config=stage1_config,
+                    task=task,
+                    base_model_uri=base_model_uri,
+                    num_train_epochs=stage1_epochs,
+                    learning_rate=stage1_learning_rate,
+                    seed=seed,
+                    gpus=gpus_per_step,
+                    run_uri=data.outputs["run_uri"],
+                    **context,
+                ).after(cache),
+                gpus=gpus_per_step,
+                timeout_s=s.train_timeout_s,
+            )
         with dsl.Else(name="import-stage-1"):
-            imported = cpu(import_stage1(stage1_lora_uri=stage1_lora_uri, **context), image=s.trainer_image)
+            imported = cpu(import_stage1(stage1_lora_uri=stage1_lora_uri, **context))
         stage1_lora_uri_out = dsl.OneOf(stage1.outputs["Output"], imported.outputs["Output"])
 
-        stage2 = gpu(train_stage2(cache_uri=data.outputs["train_cache_uri"], stage1_lora_uri=stage1_lora_uri_out,
-                                  config=stage2_config, task=task, base_model_uri=base_model_uri,
-                                  num_train_epochs=stage2_epochs, learning_rate=stage2_learning_rate, seed=seed,
-                                  gpus=gpus_per_step, run_uri=data.outputs["run_uri"], **context).after(cache),
-                     gpus=gpus_per_step, timeout_s=s.train_timeout_s)  # fmt: skip
-        evaluation = gpu(evaluate(eval_cache_uri=data.outputs["eval_cache_uri"], lora_moe=stage2.outputs["lora_moe"],
-                                  stage1_lora_uri=stage1_lora_uri_out, task=task, base_model_uri=base_model_uri,
-                                  samples_per_family=samples_per_family, sample_steps=sample_steps,
-                                  sample_width=sample_width, sample_height=sample_height, sample_frames=sample_frames,
-                                  seed=seed, **context).after(eval_cache))  # fmt: skip
-        samples = gpu(infer_export(lora_moe=stage2.outputs["lora_moe"], task=task, base_model_uri=base_model_uri,
-                                   prompts=prompts, num_frames=sample_frames, height=sample_height, width=sample_width,
-                                   num_inference_steps=sample_steps, alpha_base=alpha_base, alpha_expert=alpha_expert,
-                                   seed=seed, **context))  # fmt: skip
-        register = cpu(register_model(lora_moe=stage2.outputs["lora_moe"], model_name=model_name, alias=model_alias,
-                                      alpha_base=alpha_base, alpha_expert=alpha_expert, **context)
-                       .after(evaluation, samples), image=s.trainer_image)  # fmt: skip
-        cpu(finish_tracking(tracking=start.output, final_stage="register").after(register).ignore_upstream_failure(), s3=False)
-        return TrainingOutputs(lora_moe=stage2.outputs["lora_moe"], stage2_metrics=stage2.outputs["metrics"],
-                               eval_metrics=evaluation.outputs["metrics"], report=evaluation.outputs["report"],
-                               videos=samples.outputs["videos"],
-                               instrument_loras=samples.outputs["instrument_loras"])  # fmt: skip
+        stage2 = gpu(
+            train_stage2(
+                cache_uri=data.outputs["train_cache_uri"],
+                stage1_lora_uri=stage1_lora_uri_out,
+                config=stage2_config,
+                task=task,
+                base_model_uri=base_model_uri,
+                num_train_epochs=stage2_epochs,
+                learning_rate=stage2_learning_rate,
+                seed=seed,
+                gpus=gpus_per_step,
+                run_uri=data.outputs["run_uri"],
+                **context,
+            ).after(cache),
+            gpus=gpus_per_step,
+            timeout_s=s.train_timeout_s,
+        )
+        evaluation = gpu(
+            evaluate(
+                eval_cache_uri=data.outputs["eval_cache_uri"],
+                lora_moe=stage2.outputs["lora_moe"],
+                stage1_lora_uri=stage1_lora_uri_out,
+                task=task,
+                base_model_uri=base_model_uri,
+                samples_per_family=samples_per_family,
+                sample_steps=sample_steps,
+                sample_width=sample_width,
+                sample_height=sample_height,
+                sample_frames=sample_frames,
+                seed=seed,
+                **context,
+            ).after(eval_cache)
+        )
+        samples = gpu(
+            infer_export(
+                lora_moe=stage2.outputs["lora_moe"],
+                task=task,
+                base_model_uri=base_model_uri,
+                prompts=prompts,
+                num_frames=sample_frames,
+                height=sample_height,
+                width=sample_width,
+                num_inference_steps=sample_steps,
+                alpha_base=alpha_base,
+                alpha_expert=alpha_expert,
+                seed=seed,
+                **context,
+            )
+        )
+        register = cpu(
+            register_model(
+                lora_moe=stage2.outputs["lora_moe"],
+                model_name=model_name,
+                alias=model_alias,
+                alpha_base=alpha_base,
+                alpha_expert=alpha_expert,
+                **context,
+            ).after(evaluation, samples)
+        )
+        cpu(
+            finish_tracking(tracking=start.output, final_stage="register").after(register).ignore_upstream_failure(),
+            s3=False,
+        )
+        return TrainingOutputs(
+            lora_moe=stage2.outputs["lora_moe"],
+            stage2_metrics=stage2.outputs["metrics"],
+            eval_metrics=evaluation.outputs["metrics"],
+            report=evaluation.outputs["report"],
+            videos=samples.outputs["videos"],
+            instrument_loras=samples.outputs["instrument_loras"],
+        )
 
     return lora_moe_training
 

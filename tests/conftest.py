@@ -12,8 +12,11 @@ from tests.s3_server import s3_env, s3_server  # noqa: F401  (real SeaweedFS S3 
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed(monkeypatch) -> None:
     torch.manual_seed(0)
+    # start_tracker sets these process-wide when unset; start every test from a clean environment
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
 
 
 @pytest.fixture

@@ -351,6 +351,8 @@ def test_dockerfile_runtime_stage_is_non_root_labelled_and_offline(role):
         if keyword in ("ENV", "ARG"):
             assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*=", rest, re.I), rest
     assert any(k == "COPY" and rest.startswith("--from=builder /opt/venv") for k, rest in final)
+    # components pass relative paths such as configs/vanilla_lora.toml: they resolve against the WORKDIR
+    assert ("WORKDIR", "/app") in final and ("COPY", "configs /app/configs") in final
 
 
 @pytest.mark.parametrize("role", DOCKERFILES)
@@ -451,6 +453,14 @@ def test_cuda_lock_only_adds_cuda_wheels():
     assert not set(cuda) & set(_read_lock(LOCK))
     assert {"cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "triton"} <= set(cuda)
     assert all(n.startswith(("cuda-", "nvidia-")) or n == "triton" for n in cuda), sorted(cuda)
+
+
+def test_lock_script_is_valid_bash_and_named_in_the_lock_header():
+    script = ROOT / "images" / "make_lock.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
+    for lock in (LOCK, CUDA_LOCK):
+        header = [line for line in lock.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+        assert any("images/make_lock.sh" in line for line in header), lock
 
 
 def test_pip_resolves_the_lock():

@@ -1,0 +1,159 @@
+"""The whole training DAG through ``kfp.local`` (``lora-moe pipeline run``) on the tiny model, kept as small as the
+pipeline's parameters allow: a local folder + sqlite MLflow (what ``make run`` does), then MinIO-compatible S3
+(SeaweedFS) + a real ``mlflow server`` with the user's own Stage-1 LoRA (the ``import-stage1`` branch)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_pipeline import lora_moe  # noqa: F401 - the `lora-moe` main with the pipeline command
+
+TINY = ["--clips", "6", "--eval_clips", "4", "--clip_size", "64", "48", "17", "--cache_shards", "2",
+        "--stage1_epochs", "1", "--stage2_epochs", "1", "--sample_size", "32", "32", "9",
+        "--sample_steps", "2"]  # fmt: skip
+STEP_STAGES = {"data", "label", "cache", "stage_b", "evaluate", "infer", "register"}
+
+
+def summary_paths(out: str) -> dict[str, Path]:
+    """The paths of the summary ``lora-moe pipeline run`` prints at the end."""
+    lines = out[out.index("done in ") :].splitlines()[1:]
+    return {key.strip(): Path(value.strip()) for key, _, value in (line.partition(":") for line in lines)}
+
+
+def check_outputs(paths: dict[str, Path]) -> None:
+    from lora_moe_core.checkpoint import read_checkpoint
+    from lora_moe_core.families import FAMILIES
+
+    assert read_checkpoint(paths["Stage-2 checkpoint"]).config.model.task == "tiny"
+    report = paths["evaluation report"].read_text()
+    assert "data:image/png;base64," in report and "data:video/mp4;base64," in report  # one self-contained file
+    videos = sorted(p.name for p in paths["sample videos"].iterdir())
+    assert videos == ["00_Hook_Electrocautery.gates.json", "00_Hook_Electrocautery.mp4"]
+    loras = [p.name for p in paths["per-instrument LoRAs"].iterdir()]
+    assert all(any(name.startswith(family) for name in loras) for family in FAMILIES), loras
+    # KFP Metrics of the evaluation (kfp.local keeps them in the task's executor output)
+    executor_output = json.loads((paths["evaluation report"].parent / "executor_output.json").read_text())
+    metrics = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert 0.0 <= metrics["routing.accuracy"] <= 1.0 and "val_loss.all.stage2" in metrics
+
+
+def check_mlflow(tracking_uri: str, imported_stage1: bool) -> dict:
+    """One FINISHED parent run tagged with the KFP run, a child run per step, and a registered version."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("lora-moe")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    kfp_run_id = parent.data.tags["kfp.run_id"]
+    assert kfp_run_id and parent.data.tags["kfp.run_name"].startswith("lora-moe-training-")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1  # every other run is a step of this pipeline run
+    assert all(r.info.status == "FINISHED" and r.data.tags["kfp.run_id"] == kfp_run_id for r in children)
+    stages = {r.data.tags.get("stage") for r in children}
+    assert STEP_STAGES | {"stage_a"} == stages
+    names = {r.info.run_name for r in children}
+    assert {"cache 0/2", "cache 1/2", "cache 0/1"} <= names
+    assert ("import-stage1" in names) == imported_stage1 and ("stage_a-vanilla_lora" in names) != imported_stage1
+    version = client.get_model_version_by_alias("lora-moe-surgical", "candidate")
+    assert version.run_id in {r.info.run_id for r in children}
+    return {"kfp_run_id": kfp_run_id}
+
+
+@pytest.mark.slow
+def test_local_run_folder_store_and_sqlite(tmp_path, capsys, lora_moe):  # noqa: F811
+    from mlflow import MlflowClient
+
+    assert lora_moe(["pipeline", "run", "--output_dir", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    paths = summary_paths(out)
+    check_outputs(paths)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert f"mlflow ui --backend-store-uri {tracking_uri}" in out
+    kfp_run_id = check_mlflow(tracking_uri, imported_stage1=False)["kfp_run_id"]
+    run = tmp_path / "store" / "runs" / kfp_run_id  # big data in the folder store, by run
+    assert (run / "stage1" / "lora_final.safetensors").is_file()
+    assert (run / "stage2" / "lora_moe_final.safetensors").is_file()
+    assert len(list((run / "cache" / "train").glob("*.safetensors"))) >= 6
+    assert (tmp_path / "store" / "datasets" / "heldout" / "manifest.jsonl").is_file()
+
+    # the inference pipeline on the model the training run registered (models:/lora-moe-surgical@candidate)
+    prompts = json.dumps(["吸引器吸除积血", {"prompt": "剪刀", "instrument_hint": "Scissors"}], ensure_ascii=False)
+    argv = ["pipeline", "run", "--pipeline", "inference", "--output_dir", str(tmp_path), "--sample_size", "32", "32",
+            "9", "--sample_steps", "2", "--param", f"prompts={prompts}"]  # fmt: skip
+    assert lora_moe(argv) == 0
+    paths = summary_paths(capsys.readouterr().out)
+    assert set(paths) == {"sample videos", "per-instrument LoRAs", "MLflow runs"}
+    assert sorted(p.name for p in paths["sample videos"].glob("*.mp4")) == ["00_prompt.mp4", "01_Scissors.mp4"]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("lora-moe").experiment_id],
+                              "tags.`kfp.pipeline` = 'lora-moe-inference'")  # fmt: skip
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+@pytest.fixture
+def stage1_lora(tmp_path) -> Path:
+    """A user's Stage-1 LoRA for the tiny model in musubi keys (the seed's users trained it with musubi-tuner)."""
+    from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, write_lora
+    from lora_moe_core.wan import build_transformer, linear_shapes
+
+    generator = torch.Generator().manual_seed(3)
+    modules = {}
+    for name, (fan_in, fan_out) in linear_shapes(build_transformer("tiny")).items():
+        if name.endswith(("attn1.to_q", "attn1.to_v", "ffn.net.2")):  # another module set than ours: allowed
+            modules[name] = LoRAModuleWeights(torch.randn(4, fan_in, generator=generator) * 0.01,
+                                              torch.randn(fan_out, 4, generator=generator) * 0.01, 4.0)  # fmt: skip
+    path = tmp_path / "user_stage1.safetensors"
+    write_lora(LoRAFile(modules=modules), path, to="musubi")
+    return path
+
+
+@pytest.mark.slow
+def test_local_run_on_s3_and_mlflow_server(tmp_path, capsys, lora_moe, s3_env, mlflow_server, stage1_lora):  # noqa: F811
+    from lora_moe_core.storage import Storage
+
+    storage = Storage()
+    prefix = f"s3://mlpipeline/test-{uuid.uuid4().hex[:8]}"
+    storage.upload(stage1_lora, f"{prefix}/user/stage1.safetensors")
+    argv = ["pipeline", "run", "--output_dir", str(tmp_path), "--store", prefix, "--tracking_uri", mlflow_server.uri,
+            "--param", f"stage1_lora_uri={prefix}/user/stage1.safetensors", *TINY]  # fmt: skip
+    assert lora_moe(argv) == 0
+    out = capsys.readouterr().out
+    assert f"MLflow runs:          {mlflow_server.uri}" in out and not (tmp_path / "mlflow.db").exists()
+    check_outputs(summary_paths(out))
+    kfp_run_id = check_mlflow(mlflow_server.uri, imported_stage1=True)["kfp_run_id"]
+    objects = set(storage.list(prefix))
+    run = f"{prefix}/runs/{kfp_run_id}"
+    assert f"{prefix}/datasets/train/manifest.jsonl" in objects
+    assert f"{run}/stage2/lora_moe_final.safetensors" in objects
+    assert sum(o.startswith(f"{run}/cache/train/") for o in objects) >= 6
+    assert not any(o.startswith(f"{run}/stage1/") for o in objects)  # Stage 1 was imported, not trained
+    assert not (tmp_path / "store").exists()  # nothing big went to the local folder
+
+
+@pytest.mark.slow
+def test_a_failed_step_fails_the_run_and_its_mlflow_parent(tmp_path, capsys, lora_moe):  # noqa: F811
+    from mlflow import MlflowClient
+
+    missing = tmp_path / "no-such-dataset"
+    argv = ["pipeline", "run", "--output_dir", str(tmp_path), "--param", "synthetic_clips=0",
+            "--param", f"dataset_uri={missing}"]  # fmt: skip
+    assert lora_moe(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "prepare-data" in err
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {
+        r.data.tags.get("stage"): r
+        for r in client.search_runs([client.get_experiment_by_name("lora-moe").experiment_id])
+    }
+    assert set(runs) == {"pipeline", "data"}
+    assert runs["data"].info.status == "FAILED"  # the step's own run
+    assert runs["pipeline"].info.status == "FAILED"  # ended by finish-tracking, which runs after failures too
