@@ -51,7 +51,8 @@ def dit_steps(task: str, device: torch.device, dtype: torch.dtype, shape: tuple[
     text_dim = dit.config.text_dim
     latents = torch.randn(1, 16, 1 + (frames - 1) // 4, height // 8, width // 8, device=device, dtype=dtype)
     inputs = {"hidden_states": latents, "timestep": torch.tensor([900.0], device=device),
-              "encoder_hidden_states": torch.randn(1, 512, text_dim, device=device, dtype=dtype), "return_dict": False}  # fmt: skip
+              "encoder_hidden_states": torch.randn(1, 512, text_dim, device=device, dtype=dtype),
+              "return_dict": False}  # fmt: skip
 
     def forward():
         return dit(**inputs)[0]
@@ -60,7 +61,8 @@ def dit_steps(task: str, device: torch.device, dtype: torch.dtype, shape: tuple[
     folder = Path("/tmp/lora_moe_bench")
     folder.mkdir(exist_ok=True)
     config = load_config(None, {"task": task})
-    config = load_config(None, {"task": task, "base_lora_weights": str(random_stage1(task, _shapes(dit), config, folder))})
+    stage1 = random_stage1(task, _shapes(dit), config, folder)
+    config = load_config(None, {"task": task, "base_lora_weights": str(stage1)})
     network = build_network(config, dit).to(device)
     for experts in network.experts.values():
         torch.nn.init.normal_(experts.lora_B, std=0.01)

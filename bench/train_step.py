@@ -52,7 +52,8 @@ def flops_per_step(task: str, tokens: int, text_tokens: int, trained_blocks: int
     cfg = get_task(task).transformer_config
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     ffn, text = cfg["ffn_dim"], cfg["text_dim"]
-    linear = 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * ffn) + 2 * text_tokens * 2 * d * d  # self, cross q/o, ffn, kv
+    # self-attention qkvo, cross-attention q/o, FFN on image tokens; cross-attention k/v on text tokens
+    linear = 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * ffn) + 2 * text_tokens * 2 * d * d
     attention = 4 * tokens * tokens * d + 4 * tokens * text_tokens * d
     per_block = linear + attention
     embed = 2 * text_tokens * (text * d + d * d)
@@ -222,7 +223,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\ndevice {name}, task {task}, {args.frames}x{args.height}x{args.width} = {tokens} tokens, torch {torch.__version__}")
+    size = f"{args.frames}x{args.height}x{args.width}"
+    print(f"\ndevice {name}, task {task}, {size} = {tokens} tokens, torch {torch.__version__}")
     if "ours" in results and "peft" in results:
         print(f"ours / peft      = {results['ours']['s_per_step'] / results['peft']['s_per_step']:.3f}")
     if "ours" in results and "full" in results:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 from lora_moe_core.cli_data import add_data_commands
-from lora_moe_core.pipeline_cli import add_pipeline_parser
 from lora_moe_core.errors import EXIT_USER_ERROR, UserError
+from lora_moe_core.pipeline_cli import add_pipeline_parser
 
 LORA_FORMATS = ("comfy", "diffusers", "musubi")
 DTYPES = ("fp32", "bf16", "fp16")

@@ -17,5 +17,6 @@ def test_train_step_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"full", "peft", "ours", "loop"}
-    assert abs(results["ours"]["loss"] - results["loop"]["loss"]) <= 1e-4 * abs(results["ours"]["loss"])  # same function
+    # the loop computes the same function as the fused pair
+    assert abs(results["ours"]["loss"] - results["loop"]["loss"]) <= 1e-4 * abs(results["ours"]["loss"])
     assert results["ours"]["trainable_params"] > results["peft"]["trainable_params"]

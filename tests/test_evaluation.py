@@ -42,7 +42,8 @@ def _evaluate_argv(trained, cache: str, out: Path, *extra: str) -> list[str]:
 def evaluated(trained, tiny_cache) -> Path:
     out = trained["root"] / "eval"
     argv = _evaluate_argv(trained, tiny_cache, out, "--classifier_weights", str(trained["classifier"]),
-                          "--samples_per_family", "1", "--sample_steps", "2", "--sample_size", "32", "32", "9")  # fmt: skip
+                          "--samples_per_family", "1", "--sample_steps", "2",
+                          "--sample_size", "32", "32", "9")  # fmt: skip
     assert main(argv) == 0
     return out
 
