@@ -87,26 +87,10 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> None:
-    """Encode uint8 RGB frames [T, H, W, 3] (even H, W) as H.264/yuv420p mp4, atomically.
+    """Encode uint8 RGB frames [T, H, W, 3] as H.264 mp4, atomically (one implementation: :mod:`mp4`)."""
+    from lora_moe_core import mp4  # local: generating captions or importing the package should not load FFmpeg
 
-    x264 runs single-threaded: its output then depends only on the input, so equal frames give
-    byte-identical files with the same PyAV/FFmpeg build (thread count would otherwise follow the CPU).
-    """
-    import av  # local: generating captions or importing the package should not load FFmpeg
-
-    def write(tmp: Path) -> None:
-        try:
-            with av.open(str(tmp), "w", format="mp4") as container:
-                stream = container.add_stream("libx264", rate=int(fps), options={"crf": "18", "preset": "medium"})
-                stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-                stream.codec_context.thread_count = 1
-                for frame in frames:
-                    container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")))
-                container.mux(stream.encode())
-        except av.FFmpegError as exc:  # e.g. disk full inside FFmpeg: report it like any write error
-            raise OSError(str(exc)) from None
-
-    _write_atomic(Path(path), write)
+    mp4.write_mp4(frames, path, fps=int(fps))
 
 
 def _dataset_toml(width: int, height: int, num_frames: int, fps: int) -> str:
