@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,11 +14,12 @@ from tests.s3_server import s3_env, s3_server  # noqa: F401  (real SeaweedFS S3 
 
 
 @pytest.fixture(autouse=True)
-def _seed(monkeypatch) -> None:
+def _seed() -> None:
     torch.manual_seed(0)
-    # start_tracker sets these process-wide when unset; start every test from a clean environment
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    # start_tracker sets these process-wide when unset (by design, for MLflow's per-request reads): drop what an
+    # earlier test's tracker left, outside monkeypatch so that a test's undo() cannot bring it back
+    os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT", None)
+    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
 
 
 @pytest.fixture
