@@ -22,7 +22,6 @@ last bit, so bit-exactness is promised on one installation only.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from .errors import UserError
 from .families import FAMILIES
+from .mp4 import atomic_write
 from .synth_captions import make_caption  # re-exported: public name of this module
 from .synth_render import render_clip  # re-exported: models.py imports it from here
 from .vocabulary import Vocabulary
@@ -70,20 +70,8 @@ def _plan_dataset(seed: int, num_videos: int) -> list[tuple[str, bool]]:
     return plan[:num_videos]
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temp file in the same folder, then rename: no half-written file remains."""
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> None:

@@ -25,3 +25,32 @@ def make_network(config: Config, transformer: torch.nn.Module, base_lora=None) -
 
 def run(transformer: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return transformer(**inputs, return_dict=False)[0]
+
+
+def assert_one_line_error(capsys, argv: list[str], *words: str) -> str:
+    """``lora-moe argv`` exits 2 with exactly one ``error:`` line on stderr naming ``words``."""
+    from lora_moe_core.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def unlabelled_copy(cache: str, folder) -> str:
+    """A copy of a latent cache whose clips carry no instrument labels (captions that name nothing)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(cache, folder)
+    for path in folder.glob("*_wan.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+        tensors["instrument_labels"] = torch.zeros(4)
+        tensors["instrument_probs"] = torch.full((4,), 0.25)
+        save_file(tensors, path, metadata=metadata)
+    return str(folder)

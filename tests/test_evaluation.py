@@ -8,11 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lora_moe_core.cli import main
+from tests.helpers import assert_one_line_error, unlabelled_copy
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 FAMILIES = ("Scissors", "Hook", "Suction", "Other")
@@ -96,20 +94,10 @@ def test_register_creates_a_candidate_version(trained, tmp_path, monkeypatch, ca
 
 def test_bad_evaluation_inputs(trained, tiny_cache, tmp_path, capsys):
     def fails(argv, *words):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
-        for word in words:
-            assert word in err, err
+        assert_one_line_error(capsys, argv, *words)
 
-    unlabelled = tmp_path / "unlabelled"
-    shutil.copytree(tiny_cache, unlabelled)
-    for path in unlabelled.glob("*_wan.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
-        tensors["instrument_labels"] = torch.zeros(4)
-        save_file(tensors, path, metadata=metadata)
-    fails(_evaluate_argv(trained, str(unlabelled), tmp_path / "e", "--samples_per_family", "0"), "no instrument labels")
+    unlabelled = unlabelled_copy(tiny_cache, tmp_path / "unlabelled")
+    fails(_evaluate_argv(trained, unlabelled, tmp_path / "e", "--samples_per_family", "0"), "no instrument labels")
     fails(_evaluate_argv(trained, tiny_cache, tmp_path / "e", "--samples_per_family", "0", "--task", "t2v-A14B"),
           "--model is required")  # fmt: skip
     blocker = tmp_path / "file"

@@ -20,6 +20,7 @@ from lora_moe_core.config import load_config
 from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, read_lora, write_lora
 from lora_moe_core.training.recipes import Stage2Recipe
 from lora_moe_core.wan import build_transformer
+from tests.helpers import assert_one_line_error, unlabelled_copy
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
@@ -150,11 +151,7 @@ def test_no_backward_through_blocks_without_adapters(tiny_cache, stage1):
 
 def test_bad_training_inputs_fail_with_one_line(tiny_cache, stage1, tmp_path, capsys):
     def fails(argv, *words):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
-        for word in words:
-            assert word in err, err
+        assert_one_line_error(capsys, argv, *words)
 
     big = tmp_path / "a14b_stage1.safetensors"
     write_lora(
@@ -176,16 +173,8 @@ def test_bad_training_inputs_fail_with_one_line(tiny_cache, stage1, tmp_path, ca
     (tmp_path / "empty").mkdir()
     fails(_stage2_argv(str(tmp_path / "empty"), stage1, tmp_path / "x"), "holds no latent files")
     fails(["train", "--config", str(DEMO / "vanilla_lora.toml")], "no latent cache given")
-    unlabelled = tmp_path / "unlabelled"
-    shutil.copytree(tiny_cache, unlabelled)
-    for path in unlabelled.glob("*_wan.safetensors"):
-        tensors = _tensors(path)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
-        tensors["instrument_labels"] = torch.zeros(4)
-        tensors["instrument_probs"] = torch.full((4,), 0.25)
-        save_file(tensors, path, metadata=metadata)
-    fails(_stage2_argv(str(unlabelled), stage1, tmp_path / "x"), "has an instrument label")
+    unlabelled = unlabelled_copy(tiny_cache, tmp_path / "unlabelled")
+    fails(_stage2_argv(unlabelled, stage1, tmp_path / "x"), "has an instrument label")
 
 
 def test_two_process_data_parallel_training(tiny_cache, stage1, tmp_path):
