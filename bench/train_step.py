@@ -8,8 +8,14 @@ Modes (each on a freshly built DiT with random bf16 weights, gradient checkpoint
   peft   diffusers + peft vanilla LoRA on the seed's targets (backward stops at the first adapted block)
   ours   our Stage-2 step: base LoRA + 4 fused experts + router + timestep gates, every loss of the seed on
   loop   ours with a per-expert Python loop instead of the fused product pair (the design we rejected)
-  compiled, peft_compiled   ours / peft with regional torch.compile of the repeated DiT blocks
-Prints s/step (median), peak GiB, achieved TFLOP/s on the FLOPs that must be done, and ratios.
+Options join a mode with "+" (e.g. ``ours+compile+fp8fast``), each through the trainer's own config:
+  compile   regional torch.compile of the repeated DiT blocks (compile_blocks)
+  fp8       frozen block linears stored in fp8 e4m3, per-channel scales (fp8_base)
+  fp8fast   fp8 + fp8 tensor-core matmuls in the blocks before the first adapter (fp8_fast)
+  nockpt    no gradient checkpointing (peak memory grows with the adapted blocks' activations)
+("compiled" and "peft_compiled" are the older names of ours+compile and peft+compile.)
+Prints s/step (median), peak GiB, achieved TFLOP/s on the FLOPs that must be done, ratios, and each ours
+variant's loss against plain ours on the same batches.
 """
 
 from __future__ import annotations
@@ -108,15 +114,34 @@ def run_peft(task, dit, config, latents, text, full_backprop: bool, dtype):
     return step, sum(p.numel() for p in params)
 
 
-def run_ours(task, dit, config, latents, text, loop_experts: bool, folder: Path):
+OPTIONS = {"compile": {"compile_blocks": True}, "fp8": {"fp8_base": True},
+           "fp8fast": {"fp8_base": True, "fp8_fast": True}, "nockpt": {"gradient_checkpointing": False}}  # fmt: skip
+ALIASES = {"compiled": "ours+compile", "peft_compiled": "peft+compile"}
+
+
+def parse_mode(mode: str) -> tuple[str, dict]:
+    """``"ours+compile+fp8fast"`` → ``("ours", {config overrides})``."""
+    base, *options = ALIASES.get(mode, mode).split("+")
+    overrides: dict = {}
+    for option in options:
+        overrides.update(OPTIONS[option])
+    return base, overrides
+
+
+def run_ours(task, dit, config, latents, text, loop_experts: bool, folder: Path, options: dict | None = None):
     from lora_moe_core.classifier import InstrumentClassifier
+    from lora_moe_core.memory import DiTPlacement
     from lora_moe_core.training.data import Batch
     from lora_moe_core.training.monitor import EpochStats
     from lora_moe_core.training.recipes import Stage2Recipe
 
     device = latents.device
     stage1 = random_stage1(task, linear_shapes(dit), config, folder)
-    config = load_config(None, {**_overrides(config), "base_lora_weights": str(stage1)})
+    config = load_config(None, {**_overrides(config), "base_lora_weights": str(stage1), **(options or {})})
+    training = config.training
+    DiTPlacement({"high": dit, "low": dit}, device, fp8_base=training.fp8_base, fp8_fast=training.fp8_fast)
+    if not training.gradient_checkpointing:
+        dit.disable_gradient_checkpointing()
     classifier = InstrumentClassifier().to(device)
     recipe = Stage2Recipe(config, {"high": dit, "low": dit}, device, classifier=classifier)
     if loop_experts:
@@ -204,20 +229,23 @@ def main() -> None:
     folder = Path("/tmp/lora_moe_bench")
     folder.mkdir(exist_ok=True)
     for mode in args.modes.split(","):
+        base, options = parse_mode(mode)
         dit = build_dit(task, device, dtype)
         latents, text = _inputs(task, args.frames, args.height, args.width, device)
-        if mode in ("full", "peft", "peft_compiled"):
-            step, trainable = run_peft(task, dit, config, latents, text, mode == "full", torch.bfloat16)
+        if base in ("full", "peft"):
+            step, trainable = run_peft(task, dit, config, latents, text, base == "full", torch.bfloat16)
+            if options.get("compile_blocks"):
+                dit.compile_repeated_blocks()  # regional torch.compile of the 40 identical blocks
+            if options.get("gradient_checkpointing") is False:
+                dit.disable_gradient_checkpointing()
         else:
-            step, trainable = run_ours(task, dit, config, latents, text, mode == "loop", folder)
-        if mode.endswith("compiled"):
-            dit.compile_repeated_blocks()  # regional torch.compile of the 40 identical blocks
+            step, trainable = run_ours(task, dit, config, latents, text, base == "loop", folder, options)
         seconds, peak, loss = measure(step, args.warmup, args.steps, device)
-        blocks = len(dit.blocks) if mode == "full" else 8
+        blocks = len(dit.blocks) if base == "full" else 8
         flops = flops_per_step(task, tokens, 512, min(blocks, len(dit.blocks)))
         results[mode] = {"s_per_step": seconds, "peak_gib": peak, "tflops": flops / seconds / 1e12,
                          "trainable_params": trainable, "loss": loss}  # fmt: skip
-        print(f"{mode:5s} {seconds:8.3f} s/step  peak {peak:6.1f} GiB  {flops / seconds / 1e12:7.1f} TFLOP/s  "
+        print(f"{mode:20s} {seconds:8.3f} s/step  peak {peak:6.1f} GiB  {flops / seconds / 1e12:7.1f} TFLOP/s  "
               f"trainable {trainable / 1e6:6.2f} M  loss {loss:.4f}", flush=True)  # fmt: skip
         del dit, step
         if device.type == "cuda":
@@ -231,10 +259,11 @@ def main() -> None:
         print(f"full / ours      = {results['full']['s_per_step'] / results['ours']['s_per_step']:.2f}x faster")
     if "loop" in results and "ours" in results:
         print(f"loop / ours      = {results['loop']['s_per_step'] / results['ours']['s_per_step']:.3f}")
-    if "compiled" in results and "peft" in results:
-        print(f"compiled / peft  = {results['compiled']['s_per_step'] / results['peft']['s_per_step']:.3f}")
-        change = results["compiled"]["loss"] / results["ours"]["loss"] - 1 if "ours" in results else float("nan")
-        print(f"compiled loss vs plain bf16 on the same batch: {change:+.2%}")
+    for mode, result in results.items():
+        if mode.startswith(("ours+", "compiled")) and "peft" in results:
+            ratio = result["s_per_step"] / results["peft"]["s_per_step"]
+            change = result["loss"] / results["ours"]["loss"] - 1 if "ours" in results else float("nan")
+            print(f"{mode} / peft = {ratio:.3f}; loss vs plain bf16 ours on the same batches: {change:+.2%}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "tokens": tokens, "results": results}, indent=2))
 

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES, NUM_FAMILIES
@@ -154,6 +154,17 @@ class TrainingConfig(_Section):
     seed: int = Field(42, description="random seed")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="autocast precision")
     gradient_checkpointing: bool = Field(True, description="recompute adapted blocks in backward")
+    offload_inactive_dit: bool = Field(
+        False, description="keep the other noise regime's DiT in host memory (A14B on 40 GB cards)"
+    )
+    fp8_base: bool = Field(False, description="store the frozen DiT block linears in fp8 e4m3, scaled per channel")
+    blocks_to_swap: int = Field(
+        0, ge=0, description="stream the first N DiT blocks' frozen weights from host memory (24 GB: 20 with fp8)"
+    )
+    fp8_fast: bool = Field(
+        False, description="with fp8_base: blocks before the first adapter run fp8 tensor-core matmuls (Hopper/Ada)"
+    )
+    compile_blocks: bool = Field(False, description="regional torch.compile of the repeated DiT blocks (GPU)")
     timestep_sampling: Literal["uniform", "sigma", "logit_normal", "shift"] = Field(
         "shift", description="flow-matching timestep sampler"
     )
@@ -166,6 +177,14 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
     experiment: str = Field("lora-moe", description="MLflow experiment name")
+
+    @model_validator(mode="after")
+    def _check_memory_modes(self) -> TrainingConfig:
+        if self.fp8_fast and not self.fp8_base:
+            raise ValueError("fp8_fast needs fp8_base (the fast matmuls read the fp8 weights)")
+        if self.compile_blocks and self.blocks_to_swap:
+            raise ValueError("compile_blocks cannot be combined with blocks_to_swap (swaps change weights per call)")
+        return self
 
 
 class Config(_Section):

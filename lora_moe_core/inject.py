@@ -25,8 +25,8 @@ def wrap_linears(root: nn.Module, names: list[str], factory: Callable[[str, nn.L
             module = root.get_submodule(name)
         except AttributeError:
             raise UserError(f"adapter target '{name}' does not exist in this model") from None
-        if type(module) is not nn.Linear:
-            raise UserError(f"adapter target '{name}' is a {type(module).__name__}, not a plain nn.Linear")
+        if not isinstance(module, nn.Linear):  # a plain or an fp8-stored (memory.FP8Linear) frozen linear
+            raise UserError(f"adapter target '{name}' is a {type(module).__name__}, not an nn.Linear")
         parent, child = _parent(root, name)
         setattr(parent, child, factory(name, module))
 

@@ -107,6 +107,9 @@ class LoRALinear(nn.Module):
 
 def add_to_weight(layer: nn.Linear, delta: torch.Tensor) -> None:
     """``W += delta`` computed in fp32, checked for finiteness before the base weight is touched."""
+    if layer.weight.dtype == torch.float8_e4m3fn:
+        # an fp8 base loses the small delta in rounding; keep the adapters unmerged there (musubi advises the same)
+        raise ValueError("cannot merge adapters into an fp8 base weight; run unmerged")
     merged = layer.weight.float() + delta.to(layer.weight.device)
     if not torch.isfinite(merged).all():
         raise ValueError("merge would produce NaN/Inf weights; the adapter is not merged")

@@ -20,3 +20,28 @@ def test_train_step_benchmark_smoke(tmp_path):
     # the loop computes the same function as the fused pair
     assert abs(results["ours"]["loss"] - results["loop"]["loss"]) <= 1e-4 * abs(results["ours"]["loss"])
     assert results["ours"]["trainable_params"] > results["peft"]["trainable_params"]
+
+
+def test_memory_modes_benchmark_smoke(tmp_path):
+    out = tmp_path / "modes.json"
+    result = subprocess.run([sys.executable, str(BENCH / "memory_modes.py"), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"resident", "offload", "fp8_swap"}
+    # offloading moves weights, never changes numbers; fp8 changes them a little
+    assert results["offload"]["loss"] == results["resident"]["loss"]
+    assert abs(results["fp8_swap"]["loss"] / results["resident"]["loss"] - 1) < 0.01
+
+
+def test_ddp_benchmark_smoke_runs_two_processes(tmp_path):
+    out = tmp_path / "ddp2.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(BENCH / "ddp_step.py"),
+               "--smoke", "--json", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads(out.read_text())
+    assert run["world_size"] == 2 and len(run["step_times"]) == 3
+    compared = subprocess.run([sys.executable, str(BENCH / "ddp_step.py"), "--compare", str(out)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "scaling efficiency 100.0%" in compared.stdout

@@ -35,9 +35,12 @@ class _FlowMatchingStep:
         two_dits = dits["high"] is not dits["low"]
         self.boundary = (config.model.timestep_boundary or task.boundary_ratio) if two_dits else None
         self.autocast = config.training.mixed_precision
+        self.before_dit = lambda name: None  # memory.DiTPlacement.activate when a memory mode moves DiTs
         for dit in self.unique_dits():
             if config.training.gradient_checkpointing:
                 dit.enable_gradient_checkpointing()
+            if config.training.compile_blocks:
+                dit.compile_repeated_blocks()  # one compiled graph serves all identical blocks
 
     def unique_dits(self) -> list[nn.Module]:
         return list({id(d): d for d in self.dits.values()}.values())
@@ -51,7 +54,9 @@ class _FlowMatchingStep:
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # CPU RNG: same draws on any device
         t = t.to(x0.device)
         x_t = fm.noisy_latents(x0, noise, t)
-        dit = self.dits["high" if high else "low"]
+        regime = "high" if high else "low"
+        self.before_dit(regime)
+        dit = self.dits[regime]
         with self._autocast():
             velocity = dit(hidden_states=x_t, timestep=fm.dit_timestep(t), encoder_hidden_states=batch.text,
                            return_dict=False)[0]  # fmt: skip

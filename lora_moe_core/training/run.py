@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from lora_moe_core.config import Config
+from lora_moe_core.config import Config, TrainingConfig
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.latent_cache import CacheEntry, read_cache
+from lora_moe_core.memory import DiTPlacement
 from lora_moe_core.training import state as run_state
 from lora_moe_core.training.loop import TrainingLoop
 from lora_moe_core.training.recipes import Stage1Recipe, Stage2Recipe
@@ -35,6 +36,13 @@ def _check_entries(config: Config, entries: list[CacheEntry]) -> None:
                         "(label the captions before caching, or give --classifier_weights)")  # fmt: skip
 
 
+def weights_dtype(training: TrainingConfig, device: torch.device) -> torch.dtype:
+    """The frozen DiT weights' dtype: the autocast dtype on a GPU (musubi's bf16 DiT), fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32  # CPU matmuls in bf16 are slow and the tiny model's numbers are pinned in fp32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training.mixed_precision, torch.float32)
+
+
 def _device(accelerator) -> torch.device:
     return accelerator.device if accelerator is not None else torch.device("cpu")
 
@@ -54,8 +62,12 @@ def run_training(config: Config) -> Path:
     _check_entries(config, entries)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = _device(accelerator)
-    dits = {name: dit.to(device) for name, dit in load_dits(config.model.task, config.model.model).items()}
+    dits = load_dits(config.model.task, config.model.model, dtype=weights_dtype(training, device))
+    placement = DiTPlacement(dits, device, training.offload_inactive_dit, training.fp8_base, training.blocks_to_swap,
+                             training.fp8_fast)  # fmt: skip
     recipe = _recipe(config, dits, device, entries)
+    placement.check_backward(training.gradient_checkpointing)
+    recipe.step.before_dit = placement.activate
     if accelerator.num_processes > 1:
         recipe.gather = accelerator.gather  # gate statistics over every rank's samples
     output_dir = Path(training.output_dir)
