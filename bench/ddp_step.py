@@ -13,7 +13,6 @@ scaling efficiency is ``t_step(1 GPU) / t_step(N GPUs)``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import _overrides, build_dit, random_stage1  # noqa: E402
+from train_step import _overrides, build_dit, random_stage1, shape_parser  # noqa: E402
 
 from lora_moe_core.config import load_config  # noqa: E402
 from lora_moe_core.latent_cache import CacheEntry  # noqa: E402
@@ -129,13 +128,7 @@ def compare(files: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (gloo)")
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = shape_parser(__doc__, steps=4, warmup=1)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step and rank")
     parser.add_argument("--json", help="rank 0 writes its result here")
     parser.add_argument("--compare", nargs="+", help="print scaling from earlier --json results")

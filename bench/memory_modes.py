@@ -15,7 +15,6 @@ high-noise), so the offload mode pays its real DiT switches. A GPU memory cap
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import _inputs, _overrides, build_dit, random_stage1  # noqa: E402
+from train_step import _inputs, _overrides, build_dit, random_stage1, shape_parser  # noqa: E402
 
 from lora_moe_core.config import load_config  # noqa: E402
 from lora_moe_core.memory import DiTPlacement  # noqa: E402
@@ -109,13 +108,7 @@ def run_mode(name: str, args, task: str, device: torch.device, dtype: torch.dtyp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model and shape on CPU")
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser = shape_parser(__doc__, steps=6, warmup=2)
     parser.add_argument("--blocks_to_swap", type=int, default=20, help="swapped blocks in the fp8_swap mode")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--json", help="write the results here")

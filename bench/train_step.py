@@ -208,14 +208,20 @@ def measure(step, warmup: int, steps: int, device: torch.device) -> tuple[float,
     return statistics.median(times), peak, loss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_parser(doc: str, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The arguments every benchmark shares: --smoke, the clip shape (default 480×832×81) and step counts."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model and shape on CPU")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    return parser
+
+
+def main() -> None:
+    parser = shape_parser(__doc__, steps=5, warmup=2)
     parser.add_argument("--modes", default="full,peft,ours,loop")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
