@@ -15,6 +15,9 @@ DEFAULT_TAG = "dev"
 TRAINER = "lora-moe-trainer"  # images/trainer.Dockerfile: CUDA torch; caching, training, evaluation, inference
 LIGHT = "lora-moe-cpu"  # images/cpu.Dockerfile: CPU torch; tracking, data checks, labelling, import, registry
 
+# The numeric uid:gid that images/*.Dockerfile run as (`USER 10001:10001`); the pipeline asks KFP for the same
+# (components.k8s), and the manifests use it. Numeric, so that the kubelet can check runAsNonRoot.
+IMAGE_UID = 10001
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI tag grammar
 
 

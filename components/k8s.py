@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from kfp import kubernetes
 
 from components import images
+from components.images import IMAGE_UID
 
 # Secret key -> environment variable (manifests/base/minio-credentials.secret.yaml). The MLflow secret is optional:
 # a server without authentication needs none; with authentication it holds any of these keys.
@@ -92,6 +93,7 @@ class ClusterSettings:
     s3_secret: str = "minio-credentials"
     mlflow_secret: str = "mlflow-credentials"
     image_pull_secrets: tuple[str, ...] = ()
+    run_as_user: int = IMAGE_UID  # uid and gid of every task container: the images' USER
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> ClusterSettings:
@@ -137,9 +139,21 @@ class ClusterSettings:
             *(("image pull secret", n) for n in self.image_pull_secrets),
         ):
             _check_dns1123(what, name)
-        for what, url in (("S3 endpoint", self.s3_endpoint_url), ("MLflow tracking URI", self.mlflow_tracking_uri)):
+        for what, url, secret in (
+            ("S3 endpoint", self.s3_endpoint_url, self.s3_secret),
+            ("MLflow tracking URI", self.mlflow_tracking_uri, self.mlflow_secret),
+        ):
+            # user:password@ would sit in the compiled YAML in clear. Any '@' counts (a raw '/' in a password moves
+            # it out of urlsplit's netloc), and the message shows only what follows it.
+            if "@" in url:
+                raise SettingsError(
+                    f"{what} holds credentials (user:password@): put them in the Secret {secret!r} and give only "
+                    f"the address after the '@' ({url.rpartition('@')[2]})"
+                )
             if url and not _URL.match(url):
                 raise SettingsError(f"{what} {url!r} must look like http://host:port")
+        if self.run_as_user <= 0:
+            raise SettingsError(f"run-as user {self.run_as_user} must be a non-root uid (> 0), e.g. {IMAGE_UID}")
         if not self.gpu_node_selector:
             raise SettingsError("the GPU node selector is empty: GPU steps would land on any node")
         for key, value in self.gpu_node_selector:
@@ -192,6 +206,12 @@ def _common(task, settings: ClusterSettings, image: str, timeout_s: int, caching
     task.container_spec.image = image  # the compile's registry and tag win over the decorator's default
     task.set_caching_options(caching)
     kubernetes.set_timeout(task, timeout_s)
+    # runAsUser/runAsGroup of the task container. KFP backends that know this field apply the uid and gid (the
+    # backend adds allowPrivilegeEscalation: false, drop ALL and RuntimeDefault seccomp itself); older ones ignore
+    # it. runAsNonRoot is sent too, but the backend source we read does not apply it: see manifests/README.md.
+    kubernetes.set_security_context(
+        task, run_as_user=settings.run_as_user, run_as_group=settings.run_as_user, run_as_non_root=True
+    )
     if settings.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(settings.image_pull_secrets))
     return task

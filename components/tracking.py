@@ -20,6 +20,7 @@ def start_tracking(experiment: str, pipeline: str, kfp_run_id: str, kfp_run_name
     import os
     import tempfile
 
+    from lora_moe_core.redaction import redact
     from lora_moe_core.tracking import resolve_tracking_uri, start_parent_run
 
     env = {"KFP_RUN_ID": kfp_run_id, "KFP_RUN_NAME": kfp_run_name, "MLFLOW_EXPERIMENT_NAME": experiment}
@@ -30,7 +31,7 @@ def start_tracking(experiment: str, pipeline: str, kfp_run_id: str, kfp_run_name
         tags={"kfp.pipeline": pipeline, "stage": "pipeline"},
         output_dir=tempfile.mkdtemp(prefix="tracking-"),
     )
-    print(f"MLflow parent run {run_id or '(none)'} in experiment {experiment!r} at {resolve_tracking_uri()}")
+    print(f"MLflow parent run {run_id or '(none)'} in experiment {experiment!r} at {redact(resolve_tracking_uri())}")
     return {**env, "MLFLOW_PARENT_RUN_ID": run_id or ""}
 
 
@@ -50,12 +51,16 @@ def finish_tracking(tracking: dict = {}, final_stage: str = "register"):  # noqa
         return
     from mlflow import MlflowClient
 
+    from lora_moe_core.redaction import redact
     from lora_moe_core.tracking import HTTP_ENV_DEFAULTS, finish_run, resolve_tracking_uri
 
     for key, value in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    uri = resolve_tracking_uri()
+    if redact(uri) != uri:  # MLflow prints "View run … at <the URI>" when a run ends, password included
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
-        client = MlflowClient(resolve_tracking_uri())
+        client = MlflowClient(uri)
         experiments = [e.experiment_id for e in client.search_experiments()]  # a step may log to another experiment
         children = client.search_runs(experiments, f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
         latest: dict = {}
@@ -72,7 +77,7 @@ def finish_tracking(tracking: dict = {}, final_stage: str = "register"):  # noqa
         )
         done = any(r.data.tags.get("stage") == final_stage and r.info.status == "FINISHED" for r in latest.values())
     except Exception as exc:  # noqa: BLE001 - bookkeeping only
-        print(f"warning: cannot read the step runs of MLflow run {parent_id}: {exc}")
+        print(f"warning: cannot read the step runs of MLflow run {parent_id}: {redact(str(exc))}")
         return
     status = "FINISHED" if done and not failed else "FAILED"
     finish_run(parent_id, status)

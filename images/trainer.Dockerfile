@@ -42,10 +42,14 @@ LABEL org.opencontainers.image.title="lora-moe-trainer" \
       org.opencontainers.image.revision="${GIT_SHA}" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-RUN groupadd --gid 1000 lora \
- && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/lora --shell /usr/sbin/nologin lora \
- && mkdir -p /cache \
- && chown 1000:1000 /cache
+# A numeric uid (10001, components/images.py IMAGE_UID) so that the kubelet can enforce runAsNonRoot; above the
+# range of host accounts. The folders the app writes (HOME, /cache) belong to it and to group 0 with group write,
+# so they also work where the platform picks an arbitrary uid in group 0 (OpenShift).
+RUN groupadd --gid 10001 lora \
+ && useradd --uid 10001 --gid 10001 --no-log-init --create-home --home-dir /home/lora --shell /usr/sbin/nologin lora \
+ && mkdir -p /cache/huggingface /cache/lora_moe \
+ && chown -R 10001:0 /cache /home/lora \
+ && chmod -R g=u /cache /home/lora
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
@@ -56,6 +60,7 @@ COPY configs /app/configs
 # NVIDIA_VISIBLE_DEVICES is left to the device plugin: setting it to "all" here would expose every GPU of the node
 # to pods that requested none.
 ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/lora \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
@@ -65,5 +70,5 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     LORA_MOE_GIT_SHA=${GIT_SHA}
 
-USER 1000:1000
+USER 10001:10001
 CMD ["lora-moe", "--help"]

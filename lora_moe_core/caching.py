@@ -8,27 +8,35 @@ Per source video ``clip_0003.mp4`` (832×480 source, a 33-frame clip at 0) the c
     clip_0003_wan_te.safetensors                    varlen_t5_bfloat16 [L, 4096]             (musubi key)
     clip_0003_lora_moe.json                         done-marker: content hash and the files above
 
-The marker is written last, so a killed run leaves no entry that looks complete; a rerun skips every video
-whose marker holds the same content hash (video bytes, caption, labels and settings) and redoes the rest.
+Files are written to a staging folder (hidden, inside a local output, so that the final rename is atomic on the
+same file system) and published text file first, latent files next, marker last: a killed run or a full disk
+never leaves a visible latent file without its text file, nor a marker naming a missing or partial file. A rerun
+skips every video whose marker holds the same content hash (video bytes, caption, labels and settings) and
+redoes the rest. A video that cannot be decoded is skipped (up to ``max_bad_fraction``); a write that fails
+stops the run at once with one line (a full disk says so), since every later video would fail the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lora_moe_core import roi, video
 from lora_moe_core.dataset import ClipSource, Dataset, DatasetOptions
-from lora_moe_core.errors import UserError
+from lora_moe_core.errors import UserError, disk_full_reason
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.models import Encoders, encode_prompts, encode_video
 from lora_moe_core.safetensors_io import write_safetensors
@@ -49,6 +57,18 @@ class CacheSettings:
     roi_fallback: str = "motion"  # without tip boxes: motion saliency or uniform
     latent_dtype: str = "bfloat16"  # musubi stores latents in the VAE dtype (bf16)
     max_bad_fraction: float = 0.1  # fail the run when more videos than this fail to decode
+
+
+@dataclass
+class _Clips:
+    """A decoded video, ready to encode: its pieces, boxes and geometry."""
+
+    stem: str
+    digest: str
+    pieces: list[tuple[int, np.ndarray]]  # (first frame, [F, H, W, 3] frames)
+    boxes: list | None
+    source_size: tuple[int, int]  # width, height of the video
+    bucket: tuple[int, int]
 
 
 @dataclass
@@ -113,25 +133,31 @@ class LatentCacher:
         self.encoders, self.settings, self.output = encoders, settings, output
         self.storage = storage or Storage()
         self.dtype = {v: k for k, v in DTYPE_NAMES.items()}[settings.latent_dtype]
+        self.staging_prefix = ".staging-0of1-"  # set per shard by run()
 
     def run(self, dataset: Dataset, labels: list[dict], shard: tuple[int, int] = (0, 1)) -> CacheReport:
         """Cache every clip of the shard; raises UserError when the failed fraction exceeds the limit."""
         pairs = shard_of(list(zip(dataset.clips, labels, strict=True)), shard)
-        report = CacheReport()
+        report, first_failure = CacheReport(), ""
+        self.staging_prefix = f".staging-{shard[0]}of{shard[1]}-"  # a shard's own: shards may share the folder
+        self._remove_stale_staging()
         for clip, label in tqdm(pairs, desc="caching", unit="video", disable=None):
             try:
-                written = self._cache_one(clip, label, dataset.options)
-            except UserError as exc:
+                clips = self._decode(clip, label, dataset.options)
+            except UserError as exc:  # a bad video; writing problems are not caught here: they end the run
                 report.failed += 1
                 print(f"skipped {clip.video}: {exc}")
+                first_failure = first_failure or (str(exc) if clip.video in str(exc) else f"{clip.video}: {exc}")
                 continue
-            report.clips += written
-            report.written += written > 0
-            report.skipped += written == 0
+            if clips is None:
+                report.skipped += 1
+                continue
+            report.clips += self._write_entry(clips, clip, label, report)
+            report.written += 1
         if pairs and report.failed / len(pairs) > self.settings.max_bad_fraction:
             limit = f"{self.settings.max_bad_fraction:.0%}"
-            raise UserError(f"{report.failed} of {len(pairs)} videos failed to cache (more than {limit}); "
-                            "fix or remove them and rerun to resume")  # fmt: skip
+            raise UserError(f"{report.failed} of {len(pairs)} videos failed to cache (more than {limit}); first: "
+                            f"{first_failure}; fix or remove them and rerun to resume")  # fmt: skip
         return report
 
     def _marker(self, stem: str) -> str:
@@ -149,15 +175,17 @@ class LatentCacher:
         return entry.get("content_hash") == digest and all(self.storage.exists(self.storage.join(self.output, f))
                                                            for f in files)  # fmt: skip
 
-    def _cache_one(self, clip: ClipSource, label: dict, options: DatasetOptions) -> int:
-        """Cache one video; returns the number of clips written (0 when the cached entry was current)."""
+    def _decode(self, clip: ClipSource, label: dict, options: DatasetOptions) -> _Clips | None:
+        """Read and cut one video (None when its cached entry is current); UserError for a bad video."""
         stem = _stem(clip)
         with self.storage.open_local(clip.video) as local:
+            if not Path(local).is_file():
+                raise UserError(f"video path is not a file: {clip.video}")
             video_hash = hashlib.sha256(Path(local).read_bytes()).hexdigest()
             digest = content_hash(video_hash, clip.caption, {**label, "roi": clip.fields.get("roi")}, self.settings,
                                   options)  # fmt: skip
             if self._is_current(stem, digest):
-                return 0
+                return None
             info = video.probe_video(local)
             frames = video.read_frames(local, video.DEFAULT_TARGET_FPS, options.source_fps)
         bucket = video.bucket_size(info.width, info.height, options.resolution, no_upscale=options.bucket_no_upscale)
@@ -167,29 +195,57 @@ class LatentCacher:
                                      options.frame_sample, options.max_frames)  # fmt: skip
         if not pieces:
             raise UserError(f"{len(frames)} frames at 16 fps: shorter than target_frames {options.target_frames}")
-        files = []
-        with tempfile.TemporaryDirectory() as staging:
-            for start, piece in pieces:
-                piece_boxes = boxes[start : start + len(piece)] if boxes is not None else None
-                name = f"{stem}_{start:05d}-{len(piece):03d}_{info.width:04d}x{info.height:04d}_wan.safetensors"
-                self._write_latents(Path(staging) / name, piece, piece_boxes, label, clip, bucket)
-                files.append(name)
-            text_name = f"{stem}_wan_te.safetensors"
-            self._write_text(Path(staging) / text_name, clip.caption)
-            for name in [*files, text_name]:
-                self._publish(Path(staging) / name, name)
-        entry = {"content_hash": digest, "video": clip.fields.get("video_path", clip.video), "caption": clip.caption,
-                 "families": label.get("families", []), "latent_files": files, "text_file": text_name}  # fmt: skip
-        self.storage.write_bytes(self._marker(stem), json.dumps(entry, ensure_ascii=False).encode())
+        return _Clips(stem, digest, pieces, boxes, (info.width, info.height), bucket)
+
+    def _write_entry(self, clips: _Clips, clip: ClipSource, label: dict, report: CacheReport) -> int:
+        """Encode and publish one video's files, marker last; returns the number of clips written."""
+        width, height = clips.source_size
+        files = [f"{clips.stem}_{start:05d}-{len(piece):03d}_{width:04d}x{height:04d}_wan.safetensors"
+                 for start, piece in clips.pieces]  # fmt: skip
+        text_name, marker = f"{clips.stem}_wan_te.safetensors", f"{clips.stem}_lora_moe.json"
+        entry = {"content_hash": clips.digest, "video": clip.fields.get("video_path", clip.video),
+                 "caption": clip.caption, "families": label.get("families", []), "latent_files": files,
+                 "text_file": text_name}  # fmt: skip
+        with self._staging() as staging:
+            target: str | Path = staging
+            try:
+                target = staging / text_name
+                self._write_text(target, clip.caption)
+                for name, (start, piece) in zip(files, clips.pieces, strict=True):
+                    target = staging / name
+                    piece_boxes = clips.boxes[start : start + len(piece)] if clips.boxes is not None else None
+                    self._write_latents(target, piece, piece_boxes, label, clip, clips.bucket)
+                target = staging / marker
+                target.write_bytes(json.dumps(entry, ensure_ascii=False).encode())
+                for name in (text_name, *files, marker):  # the text before any latent file, the marker last
+                    target = self.storage.join(self.output, name)
+                    self._publish(staging / name, target)
+            except (OSError, SafetensorError) as exc:
+                raise _write_error(exc, target, report) from None
         return len(files)
 
-    def _publish(self, local: Path, name: str) -> None:
-        target = self.storage.join(self.output, name)
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[Path]:
+        """A temporary folder on the output's file system (local output) or the system's (``s3://``)."""
+        if is_s3(self.output):
+            with tempfile.TemporaryDirectory(prefix="lora-moe-cache-") as folder:
+                yield Path(folder)
+            return
+        Path(self.output).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=self.staging_prefix, dir=self.output) as folder:
+            yield Path(folder)
+
+    def _remove_stale_staging(self) -> None:
+        """Delete staging folders a killed run of this shard left in a local output."""
+        if not is_s3(self.output) and Path(self.output).is_dir():
+            for folder in Path(self.output).glob(f"{self.staging_prefix}*"):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _publish(self, local: Path, target: str) -> None:
         if is_s3(self.output):
             self.storage.upload(local, target)
         else:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            local.replace(target)
+            local.replace(target)  # same file system: an atomic rename
 
     def _write_latents(self, path: Path, piece: np.ndarray, boxes, label: dict, clip: ClipSource, bucket) -> None:
         latents = encode_video(self.encoders.vae, video.frames_to_tensor(piece)[None])[0]  # [16, F, H/8, W/8]
@@ -216,6 +272,17 @@ class LatentCacher:
         key = f"varlen_t5_{self.settings.latent_dtype}"
         metadata = {"architecture": "wan", "caption1": caption, "format_version": MUSUBI_FORMAT_VERSION}
         write_safetensors({key: embeds.to(self.dtype)}, path, metadata)
+
+
+def _write_error(exc: OSError | SafetensorError, target: str | Path, report: CacheReport) -> Exception:
+    """One line for a failed write: a full disk by name, with what to do; other errors as they are."""
+    reason = disk_full_reason(exc)
+    if reason is not None:
+        return UserError(f"{reason} while writing {target}; stopped after caching {report.written} videos this run "
+                         "(every entry on disk is whole): free space and rerun the same command to resume")  # fmt: skip
+    if isinstance(exc, OSError):
+        return UserError(f"cannot write {getattr(exc, 'filename', None) or target}: {exc.strerror or exc}")
+    return exc
 
 
 def is_musubi_cache(folder: str, storage: Storage) -> bool:

@@ -151,6 +151,18 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync_tracking(args: argparse.Namespace) -> int:
+    from lora_moe_core.redaction import redact
+    from lora_moe_core.tracking_replay import replay_fallback
+
+    reports = replay_fallback(args.file, args.tracking_uri)
+    for run in reports:
+        print(f"sent {run.calls} calls ({len(run.metric_steps)} metric steps, {run.refused} refused) to run "
+              f"{run.run_id} at {redact(run.tracking_uri)}")  # fmt: skip
+    print(f"{args.file}: nothing left to send" if not reports else f"{args.file}: all calls sent")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from lora_moe_core.demo import run_demo
 
@@ -250,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output_dir", default="outputs/demo", help="where the demo writes its files")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(handler=_demo)
+
+    sync = commands.add_parser("sync-tracking", help="send to MLflow what a run logged while the server was down")
+    sync.add_argument("file", help="tracking_fallback.jsonl of the run (in its output_dir)")
+    sync.add_argument("--tracking_uri", help="MLflow server (default: the URI the run was logging to)")
+    sync.set_defaults(handler=_sync_tracking)
     add_pipeline_parser(commands)
     return parser
 

@@ -40,7 +40,7 @@ def _cache(args: argparse.Namespace) -> int:
     from lora_moe_core.dataset import load_dataset
     from lora_moe_core.labeling import label_records, read_labels
     from lora_moe_core.models import load_encoders
-    from lora_moe_core.storage import Storage
+    from lora_moe_core.storage import Storage, is_s3
     from lora_moe_core.vocabulary import Vocabulary
 
     storage = Storage()
@@ -52,13 +52,15 @@ def _cache(args: argparse.Namespace) -> int:
         print(f"reused the musubi cache {args.dataset} without re-encoding: {report.clips} clips -> {args.output}")
         return 0
     dataset = load_dataset(args.dataset, storage)
-    if args.target_frames:
-        dataset.options.target_frames = args.target_frames
-    if args.resolution:
-        dataset.options.resolution = tuple(args.resolution)
+    if args.target_frames or args.resolution:
+        dataset.options.target_frames = args.target_frames or dataset.options.target_frames
+        dataset.options.resolution = tuple(args.resolution or dataset.options.resolution)
+        dataset.options.validate("--target_frames/--resolution")
     labels = read_labels(args.labels, storage) if args.labels else label_records(dataset, Vocabulary.from_builtin())[0]
     if len(labels) != len(dataset.clips):
         raise UserError(f"{args.labels} has {len(labels)} lines but the dataset has {len(dataset.clips)} clips")
+    if is_s3(args.output):
+        storage.list(args.output)  # a missing bucket or a denied key fails now, not once per encoded video
     cacher = LatentCacher(load_encoders(args.task, args.model), settings, args.output, storage)
     report = cacher.run(dataset, labels, args.shard)
     print(f"cached {report.clips} clips from {report.written} videos, {report.skipped} up to date, "

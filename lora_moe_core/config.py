@@ -7,6 +7,7 @@ flag of the same name (``--learning_rate 5e-5``); a flag given on the command li
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from pathlib import Path
@@ -218,21 +219,34 @@ def flag_table() -> dict[str, tuple[str, str]]:
     return table
 
 
+def _suggestion(loc: tuple) -> str:
+    """'; did you mean ...?' for a misspelt section or key, or the section a misplaced key belongs to."""
+    name = str(loc[-1])
+    if len(loc) == 2:
+        home = next((section for section, model in SECTIONS.items() if name in model.model_fields), None)
+        if home is not None:
+            return f"; it belongs in [{home}]"
+    candidates = list(SECTIONS) if len(loc) == 1 else list(getattr(SECTIONS.get(str(loc[0])), "model_fields", []))
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _format_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown config key '{key}'{more}"
+        return f"{source}: unknown config key '{key}'{_suggestion(first['loc'])}{more}"
     return f"{source}: bad value for '{key}': {first['msg']} (got {first.get('input')!r}){more}"
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, turning every failure into a one-line :class:`UserError`."""
+    from lora_moe_core.dataset import decode_utf8
+
     path = Path(path)
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(decode_utf8(path.read_bytes(), f"config {path}"))
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:

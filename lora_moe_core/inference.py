@@ -364,6 +364,7 @@ def _jsonl_entry(path: Path, number: int, line: str) -> dict[str, Any]:
 
 def plan_jobs(args: Any) -> list[Job]:
     """The videos a ``lora-moe infer`` command line asks for, checked before any model is loaded."""
+    from lora_moe_core.dataset import check_caption
     from lora_moe_core.mp4 import check_writable
     from lora_moe_core.vocabulary import parse_instrument_hint
 
@@ -375,7 +376,9 @@ def plan_jobs(args: Any) -> list[Job]:
     outputs = [job.output_path.resolve() for job in jobs]
     if len(set(outputs)) != len(outputs):
         raise UserError(f"two prompts write the same video {next(o for o in outputs if outputs.count(o) > 1)}")
+    where = args.prompts_file or "--prompt"
     for job in jobs:
+        check_caption(job.prompt, where)  # the captions' limits: no control codes, at most MAX_CAPTION_CHARS
         if job.instrument_hint is not None:
             parse_instrument_hint(job.instrument_hint)  # a typo fails now, not after loading 28B parameters
         if job.reference_video is not None and not Path(job.reference_video).is_file():

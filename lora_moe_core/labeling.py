@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lora_moe_core.dataset import Dataset
+from lora_moe_core.dataset import Dataset, decode_utf8
+from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.storage import Storage
 from lora_moe_core.vocabulary import Vocabulary
@@ -47,16 +48,39 @@ def write_labels(records: list[dict[str, Any]], uri: str, storage: Storage | Non
 
 
 def read_labels(uri: str, storage: Storage | None = None) -> list[dict[str, Any]]:
-    """Read labels.jsonl back."""
-    from lora_moe_core.errors import UserError
+    """Read labels.jsonl back, checking what caching uses: one object a line, known ``families``, 4 ``probs``.
 
-    storage = storage or Storage()
-    text = storage.read_bytes(uri).decode("utf-8")
+    Raises:
+        UserError: one line naming the file and line (or byte offset, for text that is not UTF-8).
+    """
+    text = decode_utf8((storage or Storage()).read_bytes(uri), f"labels file {uri}")
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{uri}:{number}: not valid JSON ({exc.msg})") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{uri}:{number}: not valid JSON ({exc.msg})") from None
+        problem = _label_problem(record)
+        if problem:
+            raise UserError(f"{uri}:{number}: {problem} (write it with `lora-moe label`)")
+        records.append(record)
     return records
+
+
+def _label_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"each line must be a JSON object, got {type(record).__name__}"
+    families = record.get("families", [])
+    if not isinstance(families, list) or any(name not in FAMILIES for name in families):
+        return f"'families' must be a list of {', '.join(FAMILIES)}, got {families!r}"
+    probs = record.get("probs")
+    if probs is not None and not (isinstance(probs, list) and len(probs) == len(FAMILIES)
+                                  and all(_is_probability(p) for p in probs)):  # fmt: skip
+        return f"'probs' must be {len(FAMILIES)} numbers in [0, 1], got {probs!r}"
+    return None
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1

@@ -154,8 +154,10 @@ def load_encoders(task: str, model: str | None = None, dtype: torch.dtype = torc
         return build_tiny_encoders()
     folder = resolve_model_folder(model)
     try:
-        vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32)
-        text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True)
+        text_encoder = UMT5EncoderModel.from_pretrained(
+            folder / "text_encoder", torch_dtype=dtype, use_safetensors=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the VAE/text encoder from {folder}: {str(exc).splitlines()[0]}") from None
@@ -215,9 +217,15 @@ def load_dits(task: str, model: str | None = None, dtype: torch.dtype = torch.fl
     else:
         folder = resolve_model_folder(model)
         try:
-            dits = {"high": WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)}
+            dits = {
+                "high": WanTransformer3DModel.from_pretrained(
+                    folder / "transformer", torch_dtype=dtype, use_safetensors=True
+                )
+            }
             if (folder / "transformer_2").is_dir():
-                dits["low"] = WanTransformer3DModel.from_pretrained(folder / "transformer_2", torch_dtype=dtype)
+                dits["low"] = WanTransformer3DModel.from_pretrained(
+                    folder / "transformer_2", torch_dtype=dtype, use_safetensors=True
+                )
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the DiT from {folder}: {str(exc).splitlines()[0]}") from None
     for dit in dits.values():

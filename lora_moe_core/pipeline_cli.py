@@ -54,6 +54,7 @@ def _settings(args: argparse.Namespace):
             "gpu_node_selector": parse_selector(args.gpu_node_selector) if args.gpu_node_selector is not None else None,
             "gpu_tolerations": tuple(Toleration.parse(t) for t in args.gpu_toleration) if args.gpu_toleration else None,
             "image_pull_secrets": tuple(args.image_pull_secret) if args.image_pull_secret else None,
+            "run_as_user": args.run_as_user,
         }
         return ClusterSettings.from_env(**overrides).validate()
     except SettingsError as exc:
@@ -81,8 +82,13 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpu_memory_request", help="memory request of GPU steps (default: 96Gi)")
     group.add_argument("--gpu_retries", type=int, help="retries of a GPU step, e.g. on pre-emption (default: 2)")
     group.add_argument("--train_timeout_s", type=int, help="time limit of a training step (default: 3 days)")
-    group.add_argument("--s3_endpoint_url", help="MinIO/S3 endpoint the steps use (default: http://minio:9000)")
-    group.add_argument("--mlflow_tracking_uri", help="MLflow server the steps log to (default: http://mlflow:5000)")
+    group.add_argument(
+        "--s3_endpoint_url", help="MinIO/S3 endpoint the steps use, no credentials in it (default: http://minio:9000)"
+    )
+    group.add_argument(
+        "--mlflow_tracking_uri",
+        help="MLflow server the steps log to, no credentials in it (default: http://mlflow:5000)",
+    )
     group.add_argument(
         "--s3_secret", help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (default: minio-credentials)"
     )
@@ -91,6 +97,11 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         help="optional Secret with MLFLOW_TRACKING_USERNAME/_PASSWORD/_TOKEN (default: mlflow-credentials)",
     )
     group.add_argument("--image_pull_secret", action="append", help="image pull secret, repeatable")
+    group.add_argument(
+        "--run_as_user",
+        type=int,
+        help="uid (and gid) of the task containers; the USER of images/*.Dockerfile (default: 10001)",
+    )
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """S3 internals behind ``lora_moe_core.storage.Storage``: settings, checksums, error classification, client.
 
 Nothing here touches the network or imports minio/urllib3 at import time; ``_classify`` and ``_make_client``
-import them when first called.
+import them when first called. The transfers themselves are in ``lora_moe_core.s3_transfer``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from typing import Any, BinaryIO
 from lora_moe_core.errors import UserError
 
 MIB = 1024 * 1024
-DEFAULT_PART_SIZE = 64 * MIB  # uploads above this go multipart; big parts keep request counts low
+# Uploads above this go multipart. Each transfer worker holds one part in memory, so workers × part size bounds
+# the buffers (8 × 16 MiB = 128 MiB, as boto3's 10 × 8 MiB); parts stay few enough (1 600 for 25 GiB).
+DEFAULT_PART_SIZE = 16 * MIB
 MIN_PART_SIZE = 5 * MIB  # the S3 minimum
+MAX_BACKOFF_S = 10.0  # cap on one retry wait
 _MAX_PARTS = 10_000
 _META_SHA256 = "x-amz-meta-sha256"
 _ETAG_RE = re.compile(r"[0-9a-f]{32}(-[0-9]+)?")
@@ -121,6 +124,11 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _code(exc: BaseException) -> str:
+    """The S3 error code or HTTP status of a failure, else its type name."""
+    return str(getattr(exc, "code", None) or getattr(exc, "status_code", None) or type(exc).__name__)
+
+
 def _classify(exc: BaseException) -> str | None:
     """'denied', 'no_bucket', 'no_key', 'server', 'connect', 'integrity' or 's3'; None: not an S3 failure."""
     import urllib3
@@ -143,7 +151,7 @@ def _classify(exc: BaseException) -> str | None:
     return None
 
 
-def _make_client(settings: S3Settings, timeout_s: float) -> Any:
+def _make_client(settings: S3Settings, timeout_s: float, pool_size: int = 10) -> Any:
     import certifi
     import urllib3
     from minio import Minio
@@ -151,7 +159,7 @@ def _make_client(settings: S3Settings, timeout_s: float) -> Any:
     # retries=False: minio's default pool retries 5x internally, which would stack with (and slow) our backoff.
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=10.0, read=timeout_s),
-        maxsize=10,
+        maxsize=pool_size,  # connections kept per host: one per transfer worker
         retries=False,
         cert_reqs="CERT_REQUIRED",
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),

@@ -28,6 +28,10 @@ def _check_header(path: Path, what: str) -> None:
     # safetensors = u64 header length, then a JSON object: byte 8 is "{". Test that first, since a header
     # length whose low byte is 0x80 would otherwise look like a pickle opcode.
     if head[8:9] == b"{":
+        size, claimed = path.stat().st_size, int.from_bytes(head[:8], "little")
+        if claimed > size - 8:
+            raise UserError(f"{path}: header length field says {claimed} bytes but the file has {size}: "
+                            f"truncated or corrupt {what}")  # fmt: skip
         return
     if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5):
         raise UserError(
@@ -60,7 +64,10 @@ def read_safetensors(path: str | Path, what: str = "file") -> tuple[dict[str, to
         raise UserError(f"{path} is not a valid safetensors {what} (truncated or corrupt: {reason})") from None
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"{path}: tensor '{key}' contains NaN or Inf values")
+            counts = {"NaN": int(tensor.isnan().sum()), "Inf": int(tensor.isinf().sum())}
+            found = " and ".join(f"{count} {name}" for name, count in counts.items() if count)
+            raise UserError(f"{path}: tensor '{key}' holds {found} value(s) of {tensor.numel()} (a diverged or "
+                            "corrupted save; use an earlier checkpoint)")  # fmt: skip
     return tensors, metadata
 
 

@@ -1,17 +1,20 @@
 """One interface over local paths and ``s3://bucket/key`` URIs (MinIO, SeaweedFS, AWS) for every stage.
 
 S3 settings are read from the environment at call time (see ``S3Settings.from_env``) and never appear in
-messages; failures become one-line ``UserError``s. Connection errors, 5xx/SlowDown and checksum mismatches
-are retried with bounded exponential backoff; access, missing-object and missing-bucket errors are not.
-Uploads store their SHA256 as ``x-amz-meta-sha256`` and are checked against the stored size, that SHA256
-and the server's ETag; downloads are checked against size and SHA256 (or a plain-MD5 ETag) and land atomically.
+messages; failures become one-line ``UserError``s. Each request is retried on connection errors, 5xx/SlowDown and
+checksum mismatches with bounded exponential backoff (logged as warnings); access, missing-object and
+missing-bucket errors are not. Multipart uploads resume at the failed part after an outage and are aborted if
+they fail; an object becomes visible only whole. Uploads store their SHA256 as ``x-amz-meta-sha256`` and are
+checked against the stored size, that SHA256 and the server's ETag; downloads are checked against size and SHA256
+(or a plain-MD5 ETag) and land atomically. Folder syncs move ``workers`` files at once, one part each in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import io
+import logging
 import os
 import re
 import shutil
@@ -21,26 +24,25 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from lora_moe_core.errors import UserError
+from lora_moe_core.errors import UserError, disk_full_reason
 from lora_moe_core.s3_backend import (
-    _ETAG_RE,
-    _META_SHA256,
     _MISSING_CODES,
     _TRANSIENT,
     DEFAULT_PART_SIZE,
-    MIB,
+    MAX_BACKOFF_S,
     MIN_PART_SIZE,
     S3Settings,
     _classify,
+    _code,
     _Digests,
     _digests,
-    _expected_checksums,
-    _IntegrityError,
     _make_client,
     _reason,
 )
+from lora_moe_core.s3_transfer import UploadLost, parallel, read_object, stat_or_none, stored_mismatch, upload
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 PathOrUri = str | os.PathLike[str]
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -92,14 +94,18 @@ def _file_digests(path: Path, preferred_part_size: int) -> _Digests:
 
 
 @contextlib.contextmanager
-def _local_errors(path: PathOrUri) -> Iterator[None]:
-    """Turn file-system errors into one-line UserErrors."""
+def _local_errors(path: PathOrUri, written: PathOrUri | None = None) -> Iterator[None]:
+    """Turn file-system errors into one-line UserErrors; a full disk is named after ``written``."""
     try:
         yield
     except FileNotFoundError as exc:
         raise UserError(f"{exc.filename or path} does not exist") from exc
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         raise UserError(f"{exc.filename or path}: {exc.strerror}") from exc
+    except OSError as exc:
+        if (reason := disk_full_reason(exc)) is None:
+            raise
+        raise UserError(f"cannot write {written or exc.filename or path}: {reason}") from exc
 
 
 @contextlib.contextmanager
@@ -128,7 +134,7 @@ def _sync_local(src: Path, dst: Path) -> list[str]:
         target = dst / rel
         if target.is_file() and (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             continue
-        with _local_errors(path), _atomic_target(target) as tmp:
+        with _local_errors(path, target), _atomic_target(target) as tmp:
             shutil.copy2(path, tmp)
         copied.append(rel.as_posix())
     return copied
@@ -137,9 +143,13 @@ def _sync_local(src: Path, dst: Path) -> list[str]:
 class Storage:
     """Read, write, list and copy local paths and s3:// URIs with the same calls.
 
-    Does no I/O until used. ``env`` replaces ``os.environ`` (read at each call); ``tries``, ``backoff_s``
-    and ``sleep`` bound and inject the retry backoff; ``part_size`` is the preferred multipart part size;
-    ``cache_dir`` is where ``open_local`` puts its temporary downloads (system temp dir by default).
+    Does no I/O until used. ``env`` replaces ``os.environ`` (read at each call). ``tries``, ``backoff_s``
+    and ``sleep`` bound and inject the retry backoff per request (waits of ``backoff_s * 2**k``, at most 10 s;
+    the defaults ride out a ~15 s outage). ``part_size`` is the preferred multipart part size and ``workers``
+    how many files ``sync_dir_to``/``sync_dir_from`` move at once: each holds one part in memory, so buffers
+    stay under ``workers * part_size``. ``progress(uri, done_bytes, total_bytes)`` is called, from the
+    transfer threads, after each uploaded part and downloaded MiB. ``cache_dir`` is where ``open_local``
+    puts its temporary downloads (system temp dir by default).
     """
 
     join = staticmethod(join)
@@ -148,51 +158,63 @@ class Storage:
         self,
         *,
         env: Mapping[str, str] | None = None,
-        tries: int = 4,
-        backoff_s: float = 0.2,
+        tries: int = 6,
+        backoff_s: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
         part_size: int = DEFAULT_PART_SIZE,
+        workers: int = 8,
         timeout_s: float = 300.0,
         cache_dir: PathOrUri | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
     ):
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (the S3 minimum)")
         self.tries, self.backoff_s, self.part_size, self.timeout_s = max(1, tries), backoff_s, part_size, timeout_s
-        self.cache_dir, self._env, self._sleep = cache_dir, env, sleep
+        self.workers, self.cache_dir, self.progress = max(1, workers), cache_dir, progress or (lambda *_: None)
+        self._env, self._sleep = env, sleep
         self._cached: tuple[S3Settings, Any] | None = None
 
-    def _run(self, uri: str, operation: Callable[[Any], T]) -> T:
-        """``operation(client)`` with bounded backoff on transient failures; failures become UserErrors."""
+    def _wait(self, message: str, attempt: int, tries: int) -> None:
+        delay = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+        log.warning("%s; try %d of %d in %.1f s", message, attempt + 1, tries, delay)
+        self._sleep(delay)
+
+    def _run(self, uri: str, operation: Callable[[Any], T], tries: int | None = None) -> T:
+        """``operation(client)``, retried with bounded backoff on transient failures (``tries`` times, default
+        ``self.tries``); failures become UserErrors."""
         settings = S3Settings.from_env(self._env)
         if self._cached is None or self._cached[0] != settings:  # rebuilt when the environment changes
-            self._cached = (settings, _make_client(settings, self.timeout_s))
-        client = self._cached[1]
-        for attempt in range(1, self.tries + 1):
+            self._cached = (settings, _make_client(settings, self.timeout_s, self.workers + 2))
+        client, tries = self._cached[1], tries or self.tries
+        for attempt in range(1, tries + 1):
             try:
                 return operation(client)
             except Exception as exc:
                 kind = _classify(exc)
                 if kind is None:
                     raise
-                if kind in _TRANSIENT and attempt < self.tries:
-                    self._sleep(self.backoff_s * 2 ** (attempt - 1))
+                if kind in _TRANSIENT and attempt < tries:
+                    cause = {"connect": f"cannot reach S3 ({_reason(exc)})", "server": f"S3 error {_code(exc)}"}
+                    self._wait(str(exc) if kind == "integrity" else f"{uri}: {cause[kind]}", attempt, tries)
                     continue
-                raise self._user_error(uri, kind, exc, client, settings) from exc
+                raise self._user_error(uri, kind, exc, client, settings, tries) from exc
         raise AssertionError("unreachable")
 
-    def _user_error(self, uri: str, kind: str, exc: BaseException, client: Any, settings: S3Settings) -> UserError:
+    def _user_error(
+        self, uri: str, kind: str, exc: BaseException, client: Any, settings: S3Settings, tries: int
+    ) -> UserError:
         bucket, _ = parse_s3(uri)
         if kind == "no_key":
             with contextlib.suppress(Exception):  # a HEAD 404 does not say whether the bucket is missing
                 kind = kind if client.bucket_exists(bucket) else "no_bucket"
-        code = getattr(exc, "code", None) or getattr(exc, "status_code", None) or type(exc).__name__
+        code = _code(exc)
         messages = {
             "denied": f"{uri}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
             "no_bucket": f"bucket '{bucket}' does not exist",
             "no_key": f"{uri} does not exist",
-            "connect": f"cannot reach S3 endpoint {settings.endpoint_url} ({_reason(exc)}) after {self.tries} tries",
-            "integrity": f"{exc} (after {self.tries} tries)",
-            "server": f"{uri}: S3 server error {code} after {self.tries} tries",
+            "connect": f"cannot reach S3 endpoint {settings.endpoint_url} ({_reason(exc)}) after {tries} tries",
+            "integrity": f"{exc} (after {tries} tries)",
+            "server": f"{uri}: S3 server error {code} after {tries} tries",
         }
         return UserError(messages.get(kind, f"{uri}: S3 error {code}"))
 
@@ -206,49 +228,25 @@ class Storage:
         return bucket, key
 
     def _put(self, uri: str, digests: _Digests, source: Path | bytes) -> None:
-        """Upload (multipart above the part size), then check the stored size, SHA256 and ETag."""
+        """Upload (see ``s3_transfer.upload``), then check the stored size, SHA256 and ETag; a mismatch or a lost
+        multipart upload starts it over, at most ``tries`` times."""
         bucket, key = self._object(uri)
-
-        def put(client: Any) -> None:
-            meta, part = {_META_SHA256: digests.sha256}, digests.part_size
-            if isinstance(source, Path):
-                client.fput_object(bucket, key, str(source), metadata=meta, part_size=part)
-            else:
-                client.put_object(bucket, key, io.BytesIO(source), len(source), metadata=meta, part_size=part)
-            stat = client.stat_object(bucket, key)
-            etag = (stat.etag or "").strip('"').lower()
-            if stat.size != digests.size or (stat.metadata or {}).get(_META_SHA256, "").lower() != digests.sha256:
-                raise _IntegrityError(f"{uri}: stored size/sha256 differ from the local data after upload")
-            if _ETAG_RE.fullmatch(etag) and etag != digests.etag:  # the server's own checksum of what it got
-                raise _IntegrityError(f"{uri}: stored ETag {etag} differs from the local {digests.etag}")
-
-        self._run(uri, put)
+        run, once = functools.partial(self._run, uri), functools.partial(self._run, uri, tries=1)
+        for attempt in range(1, self.tries + 1):
+            with contextlib.suppress(UploadLost):  # the check below tells whether it completed anyway
+                upload(run, once, bucket, key, source, digests, functools.partial(self.progress, uri))
+            problem = stored_mismatch(uri, stat_or_none(run, bucket, key), digests)
+            if not problem:
+                return
+            if attempt < self.tries:
+                self._wait(problem, attempt, self.tries)
+        raise UserError(f"{problem} (after {self.tries} tries)")
 
     def _fetch(self, uri: str, sink: BinaryIO) -> None:
-        """Stream one object into ``sink`` (rewound on each retry) and check its size and checksum."""
+        """Stream one object into ``sink`` and check its size and checksum (see ``s3_transfer.read_object``)."""
         bucket, key = self._object(uri)
-
-        def fetch(client: Any) -> None:
-            sink.seek(0)
-            sink.truncate()
-            response = client.get_object(bucket, key)
-            try:
-                expected = _expected_checksums(response.headers)
-                hashers = {name: hashlib.new(name) for name in expected}
-                for chunk in response.stream(MIB):
-                    sink.write(chunk)
-                    for hasher in hashers.values():
-                        hasher.update(chunk)
-                length = response.headers.get("content-length")
-                if length is not None and int(length) != sink.tell():
-                    raise _IntegrityError(f"{uri}: got {sink.tell()} bytes, expected {length}")
-                if any(hashers[name].hexdigest() != value for name, value in expected.items()):
-                    raise _IntegrityError(f"{uri}: checksum mismatch after download")
-            finally:
-                response.close()
-                response.release_conn()
-
-        self._run(uri, fetch)
+        report = functools.partial(self.progress, uri)
+        self._run(uri, lambda client: read_object(client, uri, bucket, key, sink, report))
 
     def _s3_objects(self, uri: str) -> dict[str, tuple[int, str]]:
         """``{relative key: (size, etag)}`` for every object under the folder ``uri``."""
@@ -303,7 +301,7 @@ class Storage:
         text, data = os.fspath(uri), bytes(data)
         if is_s3(text):
             return self._put(text, _digests(io.BytesIO(data), len(data), self.part_size), data)
-        with _local_errors(text), _atomic_target(Path(text)) as tmp:
+        with _local_errors(text, text), _atomic_target(Path(text)) as tmp:
             tmp.write_bytes(data)
 
     def download(self, uri: PathOrUri, local_path: PathOrUri) -> Path:
@@ -313,7 +311,7 @@ class Storage:
             raise UserError(f"download target {os.fspath(local_path)!r} must be a local path")
         if is_s3(text):
             self._object(text)
-        with _local_errors(text), _atomic_target(target) as tmp:
+        with _local_errors(text, target), _atomic_target(target) as tmp:
             if not is_s3(text):
                 shutil.copy2(text, tmp)
             else:
@@ -328,7 +326,7 @@ class Storage:
         src, text = Path(local_path), os.fspath(uri)
         if is_s3(text):
             return self._put(text, _file_digests(src, self.part_size), src)
-        with _local_errors(src), _atomic_target(Path(text)) as tmp:
+        with _local_errors(src, text), _atomic_target(Path(text)) as tmp:
             shutil.copy2(src, tmp)
 
     def list(self, prefix_uri: PathOrUri) -> list[str]:
@@ -369,13 +367,16 @@ class Storage:
             raise UserError(f"{os.fspath(local_dir)} is not a local directory")
         if not is_s3(text):
             return _sync_local(src, Path(text))
-        remote, copied = self._s3_objects(text), []
-        for path in _local_files(src):
+        remote = self._s3_objects(text)
+
+        def push(path: Path) -> str | None:
             rel, digests = path.relative_to(src).as_posix(), _file_digests(path, self.part_size)
-            if remote.get(rel) != (digests.size, digests.etag):
-                self._put(join(text, rel), digests, path)
-                copied.append(rel)
-        return copied
+            if remote.get(rel) == (digests.size, digests.etag):
+                return None
+            self._put(join(text, rel), digests, path)
+            return rel
+
+        return [rel for rel in parallel(self.workers, _local_files(src), push) if rel is not None]
 
     def sync_dir_from(self, uri: PathOrUri, local_dir: PathOrUri) -> list[str]:
         """Copy everything under ``uri`` into ``local_dir`` unless identical there (as ``sync_dir_to``), refusing
@@ -385,12 +386,14 @@ class Storage:
             if not Path(text).is_dir():
                 raise UserError(f"{text} is not a directory")
             return _sync_local(Path(text), dst)
-        copied = []
-        for rel, (size, etag) in sorted(self._s3_objects(text).items()):
-            target = resolve_under(dst, rel)
+        wanted = [(rel, size, etag, resolve_under(dst, rel)) for rel, (size, etag) in self._s3_objects(text).items()]
+
+        def pull(item: tuple[str, int, str, Path]) -> str | None:
+            rel, size, etag, target = item
             if target.is_file() and target.stat().st_size == size:
                 if _file_digests(target, self.part_size).etag == etag:
-                    continue
+                    return None
             self.download(join(text, rel), target)
-            copied.append(rel)
-        return copied
+            return rel
+
+        return [rel for rel in parallel(self.workers, sorted(wanted), pull) if rel is not None]

@@ -11,6 +11,10 @@ warning naming the URI, appends every call to ``<output_dir>/tracking_fallback.j
 line), keeps the unsent calls in memory and tries the server again at most every ``retry_interval_s``
 (60 s); once it answers, the run is created if needed and the queued calls are replayed in order. Data the
 server refuses (e.g. a param changed on resume) is written to the fallback file with a warning and dropped.
+Calls still unsent when the run closes stay in the file, with a warning that points to it; ``lora-moe
+sync-tracking <file>`` (:mod:`lora_moe_core.tracking_replay`) sends them once the server is back. Each line
+names its tracker and a sequence number, and a ``replayed`` line records what reached the server, so replaying
+twice sends nothing twice.
 
 MLflow 3.17 reads ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` from ``os.environ`` on
 every request (``mlflow.utils.rest_utils.http_request``) and ``MlflowClient`` has no per-client knob, so
@@ -27,11 +31,13 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.redaction import redact, redact_mapping, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +149,14 @@ def _set_http_defaults() -> None:
 def _make_client(tracking_uri: str):
     from mlflow import MlflowClient  # slow import (~1.5 s): only when tracking is used
 
+    level = os.environ.get("MLFLOW_LOGGING_LEVEL")
+    if level:  # MLflow reads it once, at its import: apply it even when something imported MLflow earlier
+        logging.getLogger("mlflow").setLevel(level.upper())
     db_file = _sqlite_file(tracking_uri)
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
+    if redact_url(tracking_uri) != tracking_uri:  # MLflow prints "View run … at <the URI>" with its password in it
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -171,7 +182,7 @@ class _Rejected(Exception):
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = redact(" ".join(str(exc).split()) or type(exc).__name__)  # MLflow puts URLs in its messages
     return text if len(text) <= 300 else text[:300] + "…"
 
 
@@ -191,11 +202,14 @@ class MLflowTracker(_TrackerContext):
         self.tracking_uri = tracking_uri
         self.run_name = run_name
         self.experiment = experiment
-        self.tags = {k: str(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
+        self.tags = redact_mapping({k: str(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()})
         self.fallback_path = Path(fallback_path)
         self.retry_interval_s = retry_interval_s
         self.run_id = run_id  # None until the run exists on the server
         self.client = None
+        self.tracker_id = uuid.uuid4().hex[:12]  # tags this tracker's lines in a fallback file shared by several
+        self._seq = 0
+        self._in_fallback: set[int] = set()  # sequence numbers of queued calls already written to the file
         self._pending: deque[dict[str, Any]] = deque()
         self._offline = False
         self._retry_at = 0.0  # time.monotonic() before which the server is not tried again
@@ -205,7 +219,7 @@ class MLflowTracker(_TrackerContext):
     # -- the Tracker interface -------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
         """Log a (nested) config: keys flattened with dots, values stringified."""
-        self._submit({"kind": "params", "params": flatten_params(params)})
+        self._submit({"kind": "params", "params": redact_mapping(flatten_params(params))})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log several metrics at one step in one request; values that are not numbers are skipped."""
@@ -224,7 +238,7 @@ class MLflowTracker(_TrackerContext):
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags (values stringified)."""
-        self._submit({"kind": "tags", "tags": {k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()}})
+        self._submit({"kind": "tags", "tags": redact_mapping({k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()})})
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED, FAILED, KILLED); tries the server once more to flush the queue."""
@@ -233,6 +247,22 @@ class MLflowTracker(_TrackerContext):
         self._retry_at = 0.0  # the last chance to replay what is queued, whatever the retry clock says
         self._submit({"kind": "close", "status": status})
         self._closed = True
+        if self._pending:
+            steps = {entry["step"] for entry in self._pending if entry["kind"] == "metrics"}
+            log.warning(
+                "tracking: %d calls (metrics of %d steps) were not sent to MLflow at %s; they are kept in %s: "
+                "send them with `lora-moe sync-tracking %s` once the server is back",
+                len(self._pending),
+                len(steps),
+                redact(self.tracking_uri),
+                self.fallback_path,
+                self.fallback_path,
+            )
+
+    @property
+    def unsent(self) -> int:
+        """How many calls are queued, not yet accepted by the server (all of them are in the fallback file)."""
+        return len(self._pending)
 
     # -- connection and queue --------------------------------------------------------------------------------
     def flush(self) -> bool:
@@ -264,13 +294,17 @@ class MLflowTracker(_TrackerContext):
         if self._closed:
             log.warning("tracking: %s logged after close(); ignored", entry["kind"])
             return
+        self._seq += 1
+        entry["seq"] = self._seq
         self._pending.append(entry)
         if len(self._pending) > MAX_PENDING:
-            self._pending.popleft()  # already in the fallback file: it was written when it could not be sent
+            dropped = self._pending.popleft()  # in the fallback file already: written when it could not be sent
+            self._in_fallback.discard(dropped["seq"])
         if not (self._offline and time.monotonic() < self._retry_at):
             self._flush()
         if self._pending and self._pending[-1] is entry:
             self._write_fallback(entry)
+            self._in_fallback.add(entry["seq"])
 
     def _flush(self) -> None:
         """Send queued calls in order; stop at the first outage, drop (and record) refused ones."""
@@ -279,20 +313,28 @@ class MLflowTracker(_TrackerContext):
         except Exception as exc:  # noqa: BLE001
             self._go_offline(exc)
             return
-        while self._pending:
-            entry = self._pending[0]
-            try:
-                self._send(entry)
-            except Exception as exc:  # noqa: BLE001
-                if not (isinstance(exc, _Rejected) or getattr(exc, "error_code", None) in _REJECTED_CODES):
-                    self._go_offline(exc)
-                    return
-                log.warning("tracking: %s refused by %s: %s", entry["kind"], self.tracking_uri, _short(exc))
-                self._write_fallback({**entry, "refused": _short(exc)})
-            self._pending.popleft()
+        replayed = None  # the last call sent that the fallback file holds as unsent
+        try:
+            while self._pending:
+                entry = self._pending[0]
+                try:
+                    self._send(entry)
+                except Exception as exc:  # noqa: BLE001
+                    if not (isinstance(exc, _Rejected) or getattr(exc, "error_code", None) in _REJECTED_CODES):
+                        self._go_offline(exc)
+                        return
+                    log.warning("tracking: %s refused by %s: %s", entry["kind"], redact(self.tracking_uri), _short(exc))
+                    self._write_fallback({**entry, "refused": _short(exc)})
+                self._pending.popleft()
+                if entry["seq"] in self._in_fallback:
+                    self._in_fallback.discard(entry["seq"])
+                    replayed = entry["seq"]
+        finally:
+            if replayed is not None:  # so that `lora-moe sync-tracking` does not send these again
+                self._write_fallback({"kind": "replayed", "upto": replayed})
         if self._offline:
             self._offline = False
-            log.info("tracking: MLflow at %s reachable again; queued calls replayed", self.tracking_uri)
+            log.info("tracking: MLflow at %s reachable again; queued calls replayed", redact(self.tracking_uri))
 
     def _send(self, entry: dict[str, Any]) -> None:
         kind, client, run_id = entry["kind"], self.client, self.run_id
@@ -318,7 +360,7 @@ class MLflowTracker(_TrackerContext):
             log.warning(
                 "tracking: MLflow at %s unreachable (%s); training continues, logging to %s and retrying "
                 "at most every %.0f s",
-                self.tracking_uri,
+                redact(self.tracking_uri),
                 _short(exc),
                 self.fallback_path,
                 self.retry_interval_s,
@@ -328,10 +370,13 @@ class MLflowTracker(_TrackerContext):
         """Append one JSON line; the first line of a tracker says which run the following lines belong to."""
         lines = []
         if not self._fallback_started:
-            header = {"kind": "run", "run_name": self.run_name, "experiment": self.experiment}
-            lines.append({**header, "tracking_uri": self.tracking_uri, "run_id": self.run_id, "tags": self.tags})
+            header = {"kind": "run", "tracker": self.tracker_id, "run_name": self.run_name, "run_id": self.run_id}
+            lines.append(
+                {**header, "experiment": self.experiment, "tracking_uri": redact(self.tracking_uri), "tags": self.tags}
+            )
             self._fallback_started = True
-        lines.append({"time_ms": _now_ms(), "run_name": self.run_name, "run_id": self.run_id, **entry})
+        lines.append({"time_ms": _now_ms(), "tracker": self.tracker_id, "run_name": self.run_name,
+                      "run_id": self.run_id, **entry})  # fmt: skip
         try:
             self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
             with self.fallback_path.open("a", encoding="utf-8") as handle:
@@ -403,7 +448,7 @@ def finish_run(
         _make_client(uri).set_terminated(run_id, status=status)
         return True
     except Exception as exc:  # noqa: BLE001 - ending the parent run is bookkeeping, never fatal
-        log.warning("tracking: cannot end run %s at %s: %s", run_id, uri, _short(exc))
+        log.warning("tracking: cannot end run %s at %s: %s", run_id, redact(uri), _short(exc))
         return False
 
 

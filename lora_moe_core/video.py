@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
 
+from lora_moe_core.dataset import EXTRACTION_MODES
 from lora_moe_core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ VAE_FRAME_STRIDE = 4
 #: WAN's bucket sides are multiples of 16 (VAE /8 then patch /2).
 RESOLUTION_STEP = 16
 DEFAULT_TARGET_FPS = 16.0
-EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")
 
 # Float slack for "nearest frame" ties: k·ratio can land a few ulps off an exact .5.
 _EPS = 1e-9
@@ -48,6 +48,12 @@ _EPS = 1e-9
 # small shortfall is normal (mp4 edit lists drop encoder-delay frames) and is not.
 _SHORTFALL_TOLERANCE = (2, 0.01)  # frames, fraction of the declared count
 _RESIZE_CHUNK = 16  # frames per interpolate call: bounds the float32 copy of a long 1080p clip
+#: Largest frame decoded: DCI 8K. Surgical video is at most 4K; a bigger header is damaged or hostile, and one
+#: frame of it decodes to hundreds of MB (16384x8192: 403 MB as RGB) before anything could resize it.
+MAX_FRAME_PIXELS = 8192 * 4320
+#: Plausible source frame rates. Outside them the header is wrong: resampling 17 frames "at 0.001 fps" to 16 fps
+#: would make 272,000 frames, and 10,000 fps would leave a 2-second clip a single frame.
+FPS_RANGE = (1.0, 1000.0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ def _open_video(path: str | Path) -> Iterator[tuple[av.container.InputContainer,
         raise UserError(f"video not found: {path}")
     if not path.is_file():
         raise UserError(f"video path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"video {path} is empty (0 bytes): an interrupted copy or download?")
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as err:
@@ -87,11 +95,33 @@ def _open_video(path: str | Path) -> Iterator[tuple[av.container.InputContainer,
     try:
         if not container.streams.video:
             raise UserError(f"video {path} has no video stream (0 frames)")
-        yield container, container.streams.video[0]
+        stream = container.streams.video[0]
+        _check_frame_size(path, stream.codec_context.width, stream.codec_context.height)
+        yield container, stream
     except (av.FFmpegError, OSError) as err:
         raise UserError(f"cannot decode video {path}: {_reason(err)}") from err
     finally:
         container.close()
+
+
+def _check_frame_size(path: Path, width: int, height: int) -> None:
+    """Refuse a header whose frame size is missing or too large to decode, before FFmpeg allocates frames."""
+    if width <= 0 or height <= 0:
+        raise UserError(f"video {path} has no usable frame size (header says {width}x{height}: damaged, or "
+                        "beyond what FFmpeg decodes)")  # fmt: skip
+    if width * height > MAX_FRAME_PIXELS:
+        raise UserError(f"video {path} is {width}x{height}, too large to decode (at most {MAX_FRAME_PIXELS:,} "
+                        "pixels, 8192x4320): damaged header, or downscale it first")  # fmt: skip
+
+
+def _check_fps(path: str | Path, fps: float, given: bool) -> None:
+    low, high = FPS_RANGE
+    if low <= fps <= high:
+        return
+    if given:
+        raise UserError(f"source_fps {fps:g} is not a plausible frame rate ({low:g}-{high:g} fps)")
+    raise UserError(f"video {path} declares {fps:g} fps, not a plausible frame rate ({low:g}-{high:g} fps): "
+                    "damaged header? set source_fps for it in the dataset config")  # fmt: skip
 
 
 def _stream_fps(stream: av.VideoStream) -> float:
@@ -215,8 +245,9 @@ def read_frames(
             keep the decodable frames when they give at least this many output frames, with a warning.
 
     Raises:
-        UserError: one line naming the file when it is missing, not a video, has no decodable frame,
-            has no usable fps, or is truncated/damaged beyond the ``min_frames`` policy.
+        UserError: one line naming the file when it is missing, empty, not a video, larger than
+            ``MAX_FRAME_PIXELS``, has no decodable frame, has no fps or one outside ``FPS_RANGE``, or is
+            truncated/damaged beyond the ``min_frames`` policy.
     """
     if target_fps is not None and target_fps <= 0:
         raise UserError(f"target_fps must be positive, got {target_fps}")
@@ -230,6 +261,8 @@ def read_frames(
         fps = source_fps or _stream_fps(stream)
         if target_fps is not None and fps <= 0:
             raise UserError(f"video {path} declares no frame rate; set source_fps for it")
+        if target_fps is not None:
+            _check_fps(path, fps, given=source_fps is not None)
         ratio = 1.0 if target_fps is None else fps / target_fps
         declared = int(stream.frames or 0)
         decoded = _decode_picked(container, stream, ratio, max_frames)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.redaction import redact
 from pipelines.defaults import DEMO_STAGE1_CONFIG, DEMO_STAGE2_CONFIG, REPO, training_section
 
 TINY_PROMPTS = [{"prompt": "电凝钩切割组织", "instrument_hint": "Hook/Electrocautery"}]
@@ -115,10 +116,11 @@ class LocalResult:
         lines += [f"  {label + ':':<22}{self.outputs[key]}" for key, label in labels.items() if key in self.outputs]
         if self.store:
             lines.append(f"  {'big data (store):':<22}{self.store}")
+        shown = redact(self.tracking_uri)  # a server URL may carry user:password@
         if self.tracking_uri.startswith(("http://", "https://")):
-            lines.append(f"  MLflow runs:          {self.tracking_uri} (experiment lora-moe)")
+            lines.append(f"  MLflow runs:          {shown} (experiment lora-moe)")
         else:
-            lines.append(f"  MLflow runs:          mlflow ui --backend-store-uri {self.tracking_uri}")
+            lines.append(f"  MLflow runs:          mlflow ui --backend-store-uri {shown}")
         return lines
 
 

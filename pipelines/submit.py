@@ -47,6 +47,11 @@ class Connection:
                 "no KFP host: pass --host or set KFP_HOST (e.g. http://localhost:8080 after "
                 "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`)"
             )
+        if "@" in host:  # it would be printed with every run URL; the message shows only what follows the '@'
+            raise UserError(
+                "KFP host holds credentials (user:password@): set KFP_TOKEN or KFP_COOKIES and give only the "
+                f"address after the '@' ({host.rpartition('@')[2]})"
+            )
         parts = urllib.parse.urlsplit(host)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UserError(f"KFP host {host!r} must look like http(s)://host[:port][/path]")

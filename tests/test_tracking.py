@@ -178,7 +178,8 @@ def test_unreachable_server_does_not_stop_training(tmp_path: Path, caplog: pytes
     assert loop_s < 1.0  # within the retry interval the server is not contacted at all
 
     warnings = _tracking_warnings(caplog)
-    assert len(warnings) == 1 and uri in warnings[0]
+    assert len(warnings) == 2 and uri in warnings[0]  # one for the outage, one at close pointing to the file
+    assert f"lora-moe sync-tracking {tmp_path / FALLBACK_FILE}" in warnings[1]
     lines = [json.loads(line) for line in (tmp_path / FALLBACK_FILE).read_text().splitlines()]
     metrics = [line for line in lines if line["kind"] == "metrics"]
     assert [m["step"] for m in metrics] == list(range(20))

@@ -2,22 +2,27 @@
 
 A recipe (Stage 1 or Stage 2/3) supplies the model, the loss of one micro-batch and its checkpoint format;
 this loop owns everything else. Randomness per micro-batch comes from :func:`data.step_generator`, so the
-state to resume is only weights, optimizer moments, the step counters and the early-stopping history.
+state to resume is only weights, optimizer moments, the step counters, the running sums of the current epoch
+and the early-stopping history: a run killed at any step and resumed from its last save ends with the same
+weights, bit for bit on CPU, as one never interrupted (as torchrun-style restartable jobs expect).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lora_moe_core.config import Config, config_to_dict
-from lora_moe_core.errors import UserError
+from lora_moe_core.errors import UserError, disk_full_reason
 from lora_moe_core.latent_cache import CacheEntry
 from lora_moe_core.tracking import Tracker
 from lora_moe_core.training import state as run_state
@@ -55,16 +60,19 @@ class LoopState:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     history: list[dict[str, float]] = field(default_factory=list)
     stopped: str | None = None
+    stats: EpochStats = field(default_factory=EpochStats)  # sums of the current epoch's micro-batches so far
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "micro_step": self.micro_step, "history": self.history,
-                "early_stopping": self.early_stopping.state(), "stopped": self.stopped}  # fmt: skip
+                "early_stopping": self.early_stopping.state(), "stopped": self.stopped,
+                "epoch_stats": self.stats.state()}  # fmt: skip
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> LoopState:
         stopping = EarlyStopping(**payload.get("early_stopping", {}))
+        stats = EpochStats.from_state(payload["epoch_stats"]) if "epoch_stats" in payload else EpochStats()
         return cls(payload["step"], payload["epoch"], payload["micro_step"], stopping, payload.get("history", []),
-                   payload.get("stopped"))  # fmt: skip
+                   payload.get("stopped"), stats)  # fmt: skip
 
 
 class TrainingLoop:
@@ -112,19 +120,22 @@ class TrainingLoop:
         training = self.config.training
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=training.training_stage, unit="step",
                    disable=None)  # fmt: skip
-        while self.state.epoch < training.num_train_epochs and not self._done():
-            stats = EpochStats()
-            self._run_epoch(stats, bar)
-            if self._done() and self.state.micro_step < self.batches_per_epoch:
+        while self.state.epoch < training.num_train_epochs:
+            if self.state.micro_step < self.batches_per_epoch and not self._done():
+                self._run_epoch(bar)
+            if self.state.micro_step < self.batches_per_epoch:
                 break  # max_train_steps reached mid-epoch
-            self._end_epoch(stats)
+            self._end_epoch()  # also when a save made right at the epoch's last step was resumed from
+            if self._done():
+                break
         bar.close()
         final = self.output_dir / f"{self.recipe.checkpoint_prefix}_final.safetensors"
         if self.rank != 0:
             return final
-        self.recipe.save(final)
         state_file = self.output_dir / "training_state_final.json"
-        run_state.write_json(state_file, {**self.state.to_json(), "checkpoint": final.name})
+        with self._disk_errors(final):
+            self.recipe.save(final)
+            run_state.write_json(state_file, {**self.state.to_json(), "checkpoint": final.name})
         self.tracker.log_artifact(final, "checkpoints")
         self.tracker.log_artifact(state_file, "checkpoints")
         for plot in plot_history(self.state.history, self.output_dir):
@@ -143,8 +154,8 @@ class TrainingLoop:
     def _done(self) -> bool:
         return self.state.step >= self.total_steps or self.state.stopped is not None
 
-    def _run_epoch(self, stats: EpochStats, bar: tqdm) -> None:
-        training = self.config.training
+    def _run_epoch(self, bar: tqdm) -> None:
+        training, stats = self.config.training, self.state.stats
         batches = self._epoch_batches(self.state.epoch)
         accumulation = training.gradient_accumulation_steps
         started = time.perf_counter()
@@ -202,22 +213,50 @@ class TrainingLoop:
         if self.rank != 0:
             return
         step = self.state.step
-        checkpoint = self.recipe.save(self.output_dir / f"{self.recipe.checkpoint_prefix}_step_{step}.safetensors")
-        run_state.save_step(self.output_dir, step, checkpoint, self.optimizer, self.state.to_json())
+        checkpoint = self.output_dir / f"{self.recipe.checkpoint_prefix}_step_{step}.safetensors"
+        with self._disk_errors(checkpoint):
+            self.recipe.save(checkpoint)
+            run_state.save_step(self.output_dir, step, checkpoint, self.optimizer, self.state.to_json())
         self.last_checkpoint = checkpoint
 
-    def _end_epoch(self, stats: EpochStats) -> None:
-        summary = stats.summary()
+    @contextlib.contextmanager
+    def _disk_errors(self, path: Path) -> Iterator[None]:
+        """A full disk while saving ends the run with one line naming it and the save to resume from."""
+        try:
+            yield
+        except (OSError, SafetensorError) as exc:
+            reason = disk_full_reason(exc)
+            if reason is None:
+                raise
+            kept = self.last_checkpoint or "none yet"
+            raise UserError(f"{reason} while writing {path}; last complete save: {kept}; free space and rerun with "
+                            "--resume auto") from None  # fmt: skip
+
+    def _end_epoch(self) -> None:
+        summary = self.state.stats.summary()
         self.state.history.append({"epoch": self.state.epoch + 1, **summary})
         self.tracker.log_metrics({f"epoch/{k}": v for k, v in summary.items()}, self.state.step)
         if self.config.training.training_stage != "stage_a":
-            reason = self.state.early_stopping.check(summary)
+            reason = self._rank0_decision(self.state.early_stopping.check(summary))
             if reason is not None:
                 self.state.stopped = reason
-                print(f"early stopping after epoch {self.state.epoch + 1}: {reason}")
+                if self.rank == 0:
+                    print(f"early stopping after epoch {self.state.epoch + 1}: {reason}")
                 self.tracker.set_tags({"early_stopping": reason})
         self.state.epoch += 1
         self.state.micro_step = 0
+        self.state.stats = EpochStats()
+
+    def _rank0_decision(self, reason: str | None) -> str | None:
+        """Rank 0's early-stopping decision, on every rank. Each rank's statistics cover its own samples (and a
+        resumed rank 0's are the saved ones): ranks deciding apart would wait forever on each other's gradients."""
+        if self.world_size == 1:
+            return reason
+        import torch.distributed as dist
+
+        decision = [reason]
+        dist.broadcast_object_list(decision, src=0)
+        return decision[0]
 
 
 def _peak_memory_gib(device: torch.device) -> float:

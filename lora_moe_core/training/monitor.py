@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,13 +18,25 @@ PLATEAU_MIN_DELTA = 1e-3  # relative improvement that counts as progress
 
 @dataclass
 class EpochStats:
-    """Sums over one epoch's micro-batches; :meth:`summary` turns them into metrics."""
+    """Running sums over one epoch's micro-batches; :meth:`summary` turns them into metrics.
+
+    Only sums and counts are kept (float64), never per-sample tensors: the state is small, exact in JSON
+    (:meth:`state`/:meth:`from_state`), and a run resumed mid-epoch ends the epoch with the same summary, hence
+    the same early-stopping decision, as an uninterrupted run.
+    """
 
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    gates: list[torch.Tensor] = field(default_factory=list)  # [B, E] top-k gates used
-    soft: list[torch.Tensor] = field(default_factory=list)  # [B, E] router probabilities before top-k
-    labels: list[torch.Tensor] = field(default_factory=list)  # [B, 4]
+    routed: int = 0  # samples with routing statistics
+    gate_sum: list[float] = field(default_factory=lambda: [0.0] * len(FAMILIES))  # Σ top-k gates [E]
+    soft_sum: list[float] = field(default_factory=lambda: [0.0] * len(FAMILIES))  # Σ router probabilities [E]
+    gate_entropy_sum: float = 0.0  # Σ per-sample entropy of the gates
+    family_rows: list[int] = field(default_factory=lambda: [0] * len(FAMILIES))  # samples labelled with family f
+    family_gate_sum: list[list[float]] = field(
+        default_factory=lambda: [[0.0] * len(FAMILIES) for _ in FAMILIES]
+    )  # [f][e]: Σ gate of expert e on samples of family f
+    labelled: int = 0  # samples whose caption names an instrument
+    hits: int = 0  # ... whose first expert is one of their families
 
     def add(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -31,29 +44,50 @@ class EpochStats:
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def add_routing(self, gates: torch.Tensor, soft: torch.Tensor, labels: torch.Tensor) -> None:
-        self.gates.append(gates.detach().float().cpu())
-        self.soft.append(soft.detach().float().cpu())
-        self.labels.append(labels.detach().float().cpu())
+        """Add one micro-batch: ``gates``/``soft`` [B, E] (top-k gates, router probabilities), ``labels`` [B, 4]."""
+        gates, soft = gates.detach().double().cpu(), soft.detach().double().cpu()
+        labels = labels.detach().cpu() > 0
+        self.routed += gates.shape[0]
+        self.gate_sum = _added(self.gate_sum, gates.sum(dim=0))
+        self.soft_sum = _added(self.soft_sum, soft.sum(dim=0))
+        self.gate_entropy_sum += float(entropy(gates).sum())
+        for family in range(len(FAMILIES)):
+            rows = labels[:, family]
+            self.family_rows[family] += int(rows.sum())
+            self.family_gate_sum[family] = _added(self.family_gate_sum[family], gates[rows].sum(dim=0))
+        labelled = labels.any(dim=1)
+        self.labelled += int(labelled.sum())
+        first = gates.argmax(dim=1, keepdim=True)
+        self.hits += int(labels.gather(1, first)[labelled].sum())
 
     def summary(self) -> dict[str, float]:
         metrics = {key: self.sums[key] / self.counts[key] for key in self.sums}
-        if not self.gates:
+        if not self.routed:
             return metrics
-        gates, soft, labels = torch.cat(self.gates), torch.cat(self.soft), torch.cat(self.labels)
-        usage = gates.mean(dim=0)
-        metrics["routing_entropy"] = float(entropy(soft.mean(dim=0)))
-        metrics["gate_entropy"] = float(entropy(gates).mean())
+        usage = [value / self.routed for value in self.gate_sum]
+        metrics["routing_entropy"] = float(entropy(torch.tensor(self.soft_sum, dtype=torch.float64) / self.routed))
+        metrics["gate_entropy"] = self.gate_entropy_sum / self.routed
         for index, name in enumerate(FAMILIES):
-            metrics[f"usage.{name}"] = float(usage[index])
-            rows = labels[:, index] > 0
-            if rows.any():  # mean gate of each expert on clips of this family
+            metrics[f"usage.{name}"] = usage[index]
+            if self.family_rows[index]:  # mean gate of each expert on clips of this family
                 for expert, expert_name in enumerate(FAMILIES):
-                    metrics[f"gate_mean.{name}.{expert_name}"] = float(gates[rows, expert].mean())
-        labelled = labels.sum(dim=1) > 0
-        if labelled.any():
-            hits = labels[labelled].gather(1, gates[labelled].argmax(dim=1, keepdim=True)) > 0
-            metrics["routing_accuracy"] = float(hits.float().mean())
+                    mean = self.family_gate_sum[index][expert] / self.family_rows[index]
+                    metrics[f"gate_mean.{name}.{expert_name}"] = mean
+        if self.labelled:
+            metrics["routing_accuracy"] = self.hits / self.labelled
         return metrics
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready sums (Python floats round-trip exactly through JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EpochStats:
+        return cls(**state)
+
+
+def _added(total: list[float], batch: torch.Tensor) -> list[float]:
+    return [a + b for a, b in zip(total, batch.tolist(), strict=True)]
 
 
 @dataclass

@@ -72,6 +72,8 @@ def run_training(config: Config) -> Path:
         recipe.gather = accelerator.gather  # gate statistics over every rank's samples
     output_dir = Path(training.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and (removed := run_state.remove_partial_files(output_dir)):
+        print(f"removed {removed} partial file(s) that an interrupted save left in {output_dir}")
     tracker = NullTracker()
     if accelerator.is_main_process:
         # a pipeline step runs as a child of the pipeline's MLflow run (components set MLFLOW_PARENT_RUN_ID)

@@ -2,15 +2,20 @@
 
 A save at step N writes ``<prefix>_step_N.safetensors``, ``optimizer_step_N.safetensors`` and, last,
 ``training_state_step_N.json``; the JSON is the marker of a complete save, so a run killed mid-save resumes
-from the previous one. Nothing is pickled: a resume path given by a user is read with safetensors and JSON.
+from the previous one. Every file is written to a hidden temporary name and renamed into place, so a visible
+file is always whole; the two data files are flushed to disk before the marker is written, and the marker
+records their size and SHA-256, so a file damaged later (a node crash before the page cache reached the disk,
+a truncated copy) is noticed on resume and that save skipped for the previous one, as object stores verify
+checksums. Nothing is pickled: a resume path given by a user is read with safetensors and JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,12 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.safetensors_io import read_safetensors, write_safetensors
 
 STATE_FILE = re.compile(r"^training_state_step_(\d+)\.json$")
+# Temporary names of the files a save writes: our atomic writers' ".<target>.<random>.tmp", and ".tmpXXXXXX" where
+# safetensors' own writer (Rust tempfile crate) puts the data before renaming it over ours.
+PARTIAL_FILE = re.compile(
+    r"^\.(?:(?:\w+_(?:step_\d+|final)\.safetensors|optimizer_step_\d+\.safetensors|training_state_(?:step_\d+|final)"
+    r"\.json)\.\w+\.tmp|tmp[A-Za-z0-9]{6})$"
+)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -45,40 +56,121 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic JSON write (temporary file + rename)."""
+    """Atomic, durable JSON write: a hidden temporary file, flushed to disk, renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2, ensure_ascii=False)
-    os.replace(temporary, path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666, not mkstemp (0o600): the file gets the umask's usual permissions, like any output
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2, ensure_ascii=False)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def file_digest(path: Path, flush: bool = False) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file; ``flush`` also forces its data to disk first."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if flush:
+            os.fsync(handle.fileno())
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+        size = handle.tell()
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def save_step(output_dir: Path, step: int, checkpoint: Path, optimizer: torch.optim.Optimizer,
               state: dict[str, Any]) -> Path:  # fmt: skip
-    """Write the optimizer state and the JSON marker for a checkpoint already written at ``checkpoint``."""
+    """Write the optimizer state, then the JSON marker, for a checkpoint already written at ``checkpoint``.
+
+    The marker comes last and holds the size and SHA-256 of both files, read back after they were flushed.
+    """
     tensors, metadata = optimizer_tensors(optimizer)
     optimizer_path = write_safetensors(tensors, output_dir / f"optimizer_step_{step}.safetensors", metadata)
+    files = {path.name: file_digest(path, flush=True) for path in (checkpoint, optimizer_path)}
+    _fsync_dir(output_dir)
     marker = output_dir / f"training_state_step_{step}.json"
-    write_json(marker, {**state, "checkpoint": checkpoint.name, "optimizer": optimizer_path.name})
+    write_json(marker, {**state, "checkpoint": checkpoint.name, "optimizer": optimizer_path.name, "files": files})
     return marker
 
 
 def find_resume(output_dir: Path, resume: str) -> Path | None:
-    """The state file to resume from: ``auto`` = latest complete save in ``output_dir`` (None if none)."""
+    """The state file to resume from: ``auto`` = latest complete save in ``output_dir`` (None if none).
+
+    A save whose marker is unreadable or whose files are missing or differ from the size and SHA-256 recorded
+    at save time is skipped, with a printed note, for the one before it. An explicit marker path must be whole.
+    """
     if resume != "auto":
         path = Path(resume)
         if path.is_dir():
             return find_resume(path, "auto") or _no_state(path)
         if not path.is_file():
             raise UserError(f"--resume {resume}: no such training_state_step_N.json")
+        problem = check_save(path)
+        if problem is not None:
+            raise UserError(f"--resume {resume}: {problem}")
         return path
     candidates = sorted(((int(m[1]), p) for p in output_dir.glob("training_state_step_*.json")
                          if (m := STATE_FILE.match(p.name))), reverse=True)  # fmt: skip
     for _, path in candidates:
-        state = read_state(path)
-        if all((path.parent / state[key]).is_file() for key in ("checkpoint", "optimizer")):
+        problem = check_save(path)
+        if problem is None:
             return path
+        print(f"skipping {path.name}: {problem}; trying the save before it")
     return None
+
+
+def check_save(marker: Path) -> str | None:
+    """Why the save of ``marker`` cannot be resumed from (unreadable, file missing or damaged); None if whole."""
+    try:
+        state = json.loads(marker.read_text())
+        names = [state["checkpoint"], state["optimizer"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"unreadable marker ({type(exc).__name__}: {exc})"
+    recorded = state.get("files") or {}
+    for name in names:
+        path = marker.parent / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if name in recorded:  # markers written before checksums were recorded only have the names
+            actual = file_digest(path)
+            if actual != recorded[name]:
+                what = "size" if actual["bytes"] != recorded[name].get("bytes") else "SHA-256"
+                return f"{name} is damaged ({what} differs from the one recorded at save time)"
+    return None
+
+
+def remove_partial_files(output_dir: Path) -> int:
+    """Delete temporary files an interrupted save left in ``output_dir``; returns how many.
+
+    Only one process writes a run's folder (rank 0), so a temporary file present at start-up is dead.
+    """
+    removed = 0
+    for path in output_dir.glob(".*"):
+        if PARTIAL_FILE.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _no_state(path: Path) -> Path:
