@@ -20,8 +20,9 @@ def start_tracking(experiment: str, pipeline: str, kfp_run_id: str, kfp_run_name
     import os
     import tempfile
 
+    from lora_moe_core.mlflow_runs import start_parent_run
     from lora_moe_core.redaction import redact
-    from lora_moe_core.tracking import resolve_tracking_uri, start_parent_run
+    from lora_moe_core.tracking import resolve_tracking_uri
 
     env = {"KFP_RUN_ID": kfp_run_id, "KFP_RUN_NAME": kfp_run_name, "MLFLOW_EXPERIMENT_NAME": experiment}
     os.environ.update(env)
@@ -51,8 +52,9 @@ def finish_tracking(tracking: dict = {}, final_stage: str = "register"):  # noqa
         return
     from mlflow import MlflowClient
 
+    from lora_moe_core.mlflow_runs import finish_run
     from lora_moe_core.redaction import redact
-    from lora_moe_core.tracking import HTTP_ENV_DEFAULTS, finish_run, resolve_tracking_uri
+    from lora_moe_core.tracking import HTTP_ENV_DEFAULTS, resolve_tracking_uri
 
     for key, value in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)

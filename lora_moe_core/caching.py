@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from lora_moe_core import roi, video
+from lora_moe_core import buckets, roi, video
 from lora_moe_core.dataset import ClipSource, Dataset, DatasetOptions
 from lora_moe_core.errors import UserError, disk_full_reason
 from lora_moe_core.families import FAMILIES
@@ -115,7 +115,7 @@ def _clip_rois(clip: ClipSource, frames_src: int, fps: float, options: DatasetOp
     picks = video.resample_indices(len(boxes), options.source_fps or fps, video.DEFAULT_TARGET_FPS)[:frames_src]
     picked = [boxes[int(i)] for i in picks]
     picked = [frame if frame and isinstance(frame[0], list | tuple) else ([frame] if frame else []) for frame in picked]
-    scale, _, offset = video.cover_transform(*source_size, bucket)
+    scale, _, offset = buckets.cover_transform(*source_size, bucket)
     return roi.transform_boxes(picked, scale, offset, bucket)
 
 
@@ -188,8 +188,8 @@ class LatentCacher:
                 return None
             info = video.probe_video(local)
             frames = video.read_frames(local, video.DEFAULT_TARGET_FPS, options.source_fps)
-        bucket = video.bucket_size(info.width, info.height, options.resolution, no_upscale=options.bucket_no_upscale)
-        frames = video.resize_and_crop(frames, bucket)
+        bucket = buckets.bucket_size(info.width, info.height, options.resolution, no_upscale=options.bucket_no_upscale)
+        frames = buckets.resize_and_crop(frames, bucket)
         boxes = _clip_rois(clip, len(frames), info.fps, options, (info.width, info.height), bucket)
         pieces = video.extract_clips(frames, options.target_frames, options.frame_extraction, options.frame_stride,
                                      options.frame_sample, options.max_frames)  # fmt: skip

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,9 @@ import torch
 
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.prompts import negative_or_default, plan_jobs
 
 FPS = 16  # WAN2.2 A14B generates 16 fps clips
-#: Wan's own default negative prompt (Wan2.2 ``shared_config.py``); pass "" for none.
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
-    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -216,8 +210,9 @@ class InferenceSession:
 
     @torch.no_grad()
     def _classify(self, path: str, height: int, width: int, num_frames: int) -> torch.Tensor:
+        from lora_moe_core.buckets import resize_and_crop
         from lora_moe_core.models import encode_video
-        from lora_moe_core.video import frames_to_tensor, read_frames, resize_and_crop
+        from lora_moe_core.video import frames_to_tensor, read_frames
 
         frames = read_frames(path, target_fps=FPS, max_frames=num_frames)
         frames = resize_and_crop(frames[: (len(frames) - 1) // 4 * 4 + 1], (width, height))  # VAE: 4k+1 frames
@@ -267,7 +262,7 @@ class InferenceSession:
         route = route or self.route(prompt, height=height, width=width, num_frames=num_frames)
         self._set_route(route)
         output = self.pipeline(
-            prompt=prompt, negative_prompt=_negative(negative_prompt), height=height, width=width,
+            prompt=prompt, negative_prompt=negative_or_default(negative_prompt), height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
         )  # fmt: skip
@@ -301,93 +296,7 @@ class InferenceSession:
         return report
 
 
-# -- batches and the command --------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    """One video to generate."""
-
-    prompt: str
-    output_path: Path
-    instrument_hint: str | None = None
-    seed: int = 0
-    negative_prompt: str | None = WAN_NEGATIVE_PROMPT
-    reference_video: str | None = None
-
-
-_JSONL_KEYS = {"prompt": str, "instrument_hint": str, "seed": int, "output_path": str, "negative_prompt": str,
-               "reference_video": str}  # fmt: skip
-
-
-def slug(text: str, limit: int = 40) -> str:
-    """A file-name-safe form of a prompt (keeps CJK, which is a word character)."""
-    return re.sub(r"[^\w]+", "-", text.casefold()).strip("-_")[:limit].strip("-_") or "prompt"
-
-
-def read_prompts_file(path: str | Path, output_dir: str | Path, template: Job) -> list[Job]:
-    """Jobs of a ``.txt`` (a prompt a line; blank and ``#`` lines skipped) or ``.jsonl`` file (keys: see
-    ``_JSONL_KEYS``; ``output_path`` relative to ``output_dir``; missing keys come from ``template``, the flags).
-    Videos default to ``<output_dir>/<index>_<slug>.mp4``."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    entries = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
-            continue
-        entries.append(_jsonl_entry(path, number, line) if path.suffix == ".jsonl" else {"prompt": line.strip()})
-    if not entries:
-        raise UserError(f"prompts file {path} has no prompts")
-    jobs = []
-    for index, entry in enumerate(entries):
-        output = Path(output_dir) / entry.pop("output_path", f"{index:03d}_{slug(entry['prompt'])}.mp4")
-        jobs.append(replace(template, output_path=output, **entry))
-    return jobs
-
-
-def _jsonl_entry(path: Path, number: int, line: str) -> dict[str, Any]:
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
-        raise UserError(f'{path}:{number}: each line must be an object with a non-empty "prompt"')
-    for key, value in entry.items():
-        kind = _JSONL_KEYS.get(key)
-        if kind is None:
-            raise UserError(f'{path}:{number}: unknown key "{key}"; valid: {", ".join(_JSONL_KEYS)}')
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise UserError(f'{path}:{number}: "{key}" must be a {kind.__name__}, got {value!r}')
-    return entry
-
-
-def plan_jobs(args: Any) -> list[Job]:
-    """The videos a ``lora-moe infer`` command line asks for, checked before any model is loaded."""
-    from lora_moe_core.dataset import check_caption
-    from lora_moe_core.mp4 import check_writable
-    from lora_moe_core.vocabulary import parse_instrument_hint
-
-    if (args.prompt is None) == (args.prompts_file is None):
-        raise UserError("give exactly one of --prompt and --prompts_file")
-    template = Job(args.prompt or "", Path(args.output_path), args.instrument_hint, args.seed,
-                   _negative(args.negative_prompt), args.reference_video)  # fmt: skip
-    jobs = [template] if args.prompts_file is None else read_prompts_file(args.prompts_file, args.output_dir, template)
-    outputs = [job.output_path.resolve() for job in jobs]
-    if len(set(outputs)) != len(outputs):
-        raise UserError(f"two prompts write the same video {next(o for o in outputs if outputs.count(o) > 1)}")
-    where = args.prompts_file or "--prompt"
-    for job in jobs:
-        check_caption(job.prompt, where)  # the captions' limits: no control codes, at most MAX_CAPTION_CHARS
-        if job.instrument_hint is not None:
-            parse_instrument_hint(job.instrument_hint)  # a typo fails now, not after loading 28B parameters
-        if job.reference_video is not None and not Path(job.reference_video).is_file():
-            raise UserError(f"reference video {job.reference_video} does not exist")
-        check_writable(job.output_path)
-        check_writable(job.output_path.with_suffix(".gates.json"))
-    return jobs
-
-
+# -- the command --------------------------------------------------------------------------------------------------
 def run_infer(args: Any) -> list[Path]:
     """``lora-moe infer``: generate every planned video, write it and its gates JSON, print the gates."""
     from lora_moe_core.checkpoint import read_checkpoint
@@ -428,10 +337,6 @@ def run_infer(args: Any) -> list[Path]:
             print(_gate_line(route) + f" -> {job.output_path}", flush=True)
             written.append(job.output_path)
     return written
-
-
-def _negative(negative_prompt: str | None) -> str:
-    return WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
 
 
 def _gate_line(route: Route) -> str:

@@ -28,7 +28,8 @@ def package_model(checkpoint: str | Path, folder: Path, alpha_base: float = 0.7,
 def register_checkpoint(checkpoint: str | Path, name: str, work_dir: str | Path, experiment: str = "lora-moe",
                         tracking_uri: str | None = None, alias: str = "candidate") -> str:  # fmt: skip
     """Log the packaged model to an MLflow run and register it as a new version of ``name`` with ``alias``."""
-    from lora_moe_core.tracking import MLflowTracker, register_model, start_tracker
+    from lora_moe_core.mlflow_runs import register_model
+    from lora_moe_core.tracking import MLflowTracker, start_tracker
 
     folder = package_model(checkpoint, Path(work_dir) / "model")
     tracker = start_tracker(run_name=f"register-{name}", experiment=experiment, tracking_uri=tracking_uri,

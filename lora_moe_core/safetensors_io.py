@@ -89,11 +89,32 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     try:
         contiguous = {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
         save_file(contiguous, temporary, metadata=metadata)
+        _publishable(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _publishable(temporary: str) -> None:
+    """Flush the finished file to disk and give it the mode a plain ``open`` would (mkstemp makes it 0600).
+
+    Without the flush a power cut after the rename can leave a named but empty file; without the mode a cache on
+    a shared volume is unreadable to the next user or pod.
+    """
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(temporary, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it, which races with other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def metadata_json(metadata: dict[str, str], key: str, path: str | Path) -> object:

@@ -111,3 +111,17 @@ def test_stage1_lora_for_another_model_fails_clearly(tmp_path, tiny_transformer)
     config = load_config(None, {"task": "tiny", "base_lora_weights": str(path)})
     with pytest.raises(UserError, match="does not fit this model: adapter module 'blocks.39.attn1.to_q' does not"):
         build_network(config, tiny_transformer)
+
+
+def test_written_safetensors_get_the_umask_mode_not_mkstemp_0600(tmp_path):
+    import os
+
+    from lora_moe_core.safetensors_io import write_safetensors
+
+    previous = os.umask(0o002)  # a shared volume's group-writable setting
+    try:
+        path = write_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors", None)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o664
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside it

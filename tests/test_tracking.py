@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.mlflow_runs import finish_run, register_model, start_parent_run
 from lora_moe_core.tracking import (
     FALLBACK_FILE,
     HTTP_ENV_DEFAULTS,
@@ -20,10 +21,7 @@ from lora_moe_core.tracking import (
     MLflowTracker,
     NullTracker,
     Tracker,
-    finish_run,
     flatten_params,
-    register_model,
-    start_parent_run,
     start_tracker,
 )
 from tests.mlflow_server import MlflowServer, mlflow_s3_server, mlflow_server  # noqa: F401 (fixtures)

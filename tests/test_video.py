@@ -15,16 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from lora_moe_core.buckets import bucket_size, resize_and_crop
 from lora_moe_core.errors import UserError
 from lora_moe_core.video import (
     VideoInfo,
-    bucket_size,
     extract_clips,
     frames_to_tensor,
     probe_video,
     read_frames,
     resample_indices,
-    resize_and_crop,
 )
 
 LEVEL_STEP = 5  # grey step per frame: wide enough that x264 + YUV→RGB rounding cannot blur indices
