@@ -16,6 +16,7 @@ import math
 import posixpath
 import tomllib
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,17 +164,22 @@ def _is_box(box: Any) -> bool:
     return numbers and len(box) == 4 and all(math.isfinite(v) for v in box)
 
 
+def jsonl_records(text: str, uri: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line of a JSONL text; a bad line is a one-line error."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{uri}:{number}: not valid JSON ({exc.msg})") from None
+
+
 def read_manifest(uri: str, storage: Storage) -> list[ClipSource]:
     """JSONL with ``video_path`` and ``caption`` per line (any other fields are kept)."""
     root = _parent(uri)
     clips = []
-    for number, line in enumerate(_read_text(storage, uri, "manifest").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{uri}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in jsonl_records(_read_text(storage, uri, "manifest"), uri):
         if not isinstance(record, dict):
             raise UserError(f"{uri}:{number}: each line must be a JSON object with 'video_path' and 'caption', "
                             f"got {type(record).__name__}")  # fmt: skip

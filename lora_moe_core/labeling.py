@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lora_moe_core.dataset import Dataset, decode_utf8
+from lora_moe_core.dataset import Dataset, decode_utf8, jsonl_records
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.storage import Storage
@@ -55,13 +55,7 @@ def read_labels(uri: str, storage: Storage | None = None) -> list[dict[str, Any]
     """
     text = decode_utf8((storage or Storage()).read_bytes(uri), f"labels file {uri}")
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{uri}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in jsonl_records(text, uri):
         problem = _label_problem(record)
         if problem:
             raise UserError(f"{uri}:{number}: {problem} (write it with `lora-moe label`)")
