@@ -186,6 +186,27 @@ def test_two_process_data_parallel_training(tiny_cache, stage1, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     state = json.loads((tmp_path / "training_state_final.json").read_text())
     assert state["step"] == 2  # 8 clips / 2 ranks / 2 accumulation steps
+    assert state["history"][0]["routed_clips"] == 8  # the epoch summary merges both ranks' 4 clips
     assert result.stdout.count("wrote ") == 1
     weights = _tensors(tmp_path / "lora_moe_final.safetensors")
     assert all(torch.isfinite(tensor.float()).all() for tensor in weights.values())
+
+
+def test_epoch_statistics_of_two_ranks_merge_to_those_of_one():
+    from lora_moe_core.training.monitor import EpochStats
+
+    generator = torch.Generator().manual_seed(0)
+    gates = torch.softmax(torch.randn(8, 4, generator=generator), dim=1)
+    soft = torch.softmax(torch.randn(8, 4, generator=generator), dim=1)
+    labels = torch.eye(4).repeat(2, 1)
+    whole, halves = EpochStats(), [EpochStats(), EpochStats()]
+    whole.add_routing(gates, soft, labels)
+    for index, half in enumerate(halves):
+        rows = slice(4 * index, 4 * index + 4)
+        half.add_routing(gates[rows], soft[rows], labels[rows])
+        half.add({"loss": float(index + 1)})
+    whole.add({"loss": 1.0})
+    whole.add({"loss": 2.0})
+    merged, reference = EpochStats.merge(halves).summary(), whole.summary()
+    assert merged.keys() == reference.keys() and merged["routed_clips"] == 8 and merged["loss"] == 1.5
+    assert all(abs(merged[k] - reference[k]) < 1e-12 for k in merged)

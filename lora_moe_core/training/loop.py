@@ -110,6 +110,9 @@ class TrainingLoop:
         self.recipe.load(marker.parent / payload["checkpoint"])
         run_state.load_optimizer(self.optimizer, marker.parent / payload["optimizer"])
         self.state = LoopState.from_json(payload)
+        per_rank = payload.get("epoch_stats_per_rank", [])
+        if len(per_rank) == self.world_size:  # this rank's share of the interrupted epoch
+            self.state.stats = EpochStats.from_state(per_rank[self.rank])
         self.last_checkpoint = marker.parent / payload["checkpoint"]
         print(f"resumed from {marker.name}: step {self.state.step}, epoch {self.state.epoch + 1}")
 
@@ -210,13 +213,15 @@ class TrainingLoop:
             param.grad.div_(self.world_size)
 
     def _save_step(self) -> None:
+        stats_per_rank = self._gather(self.state.stats.state())  # every rank's partial epoch, for an exact resume
         if self.rank != 0:
             return
         step = self.state.step
         checkpoint = self.output_dir / f"{self.recipe.checkpoint_prefix}_step_{step}.safetensors"
+        payload = {**self.state.to_json(), "epoch_stats_per_rank": stats_per_rank}
         with self._disk_errors(checkpoint):
             self.recipe.save(checkpoint)
-            run_state.save_step(self.output_dir, step, checkpoint, self.optimizer, self.state.to_json())
+            run_state.save_step(self.output_dir, step, checkpoint, self.optimizer, payload)
         self.last_checkpoint = checkpoint
 
     @contextlib.contextmanager
@@ -232,8 +237,18 @@ class TrainingLoop:
             raise UserError(f"{reason} while writing {path}; last complete save: {kept}; free space and rerun with "
                             "--resume auto") from None  # fmt: skip
 
+    def _gather(self, value: Any) -> list[Any]:
+        """``value`` from every rank, in rank order (``[value]`` in a single process)."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def _end_epoch(self) -> None:
-        summary = self.state.stats.summary()
+        summary = EpochStats.merge(self._gather(self.state.stats)).summary()  # all ranks' clips, same on each
         self.state.history.append({"epoch": self.state.epoch + 1, **summary})
         self.tracker.log_metrics({f"epoch/{k}": v for k, v in summary.items()}, self.state.step)
         if self.config.training.training_stage != "stage_a":
@@ -248,8 +263,8 @@ class TrainingLoop:
         self.state.stats = EpochStats()
 
     def _rank0_decision(self, reason: str | None) -> str | None:
-        """Rank 0's early-stopping decision, on every rank. Each rank's statistics cover its own samples (and a
-        resumed rank 0's are the saved ones): ranks deciding apart would wait forever on each other's gradients."""
+        """Rank 0's early-stopping decision, on every rank. The merged statistics already agree; this guards the
+        one thing that must never differ: ranks deciding apart would wait forever on each other's gradients."""
         if self.world_size == 1:
             return reason
         import torch.distributed as dist

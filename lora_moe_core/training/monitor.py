@@ -64,6 +64,7 @@ class EpochStats:
         metrics = {key: self.sums[key] / self.counts[key] for key in self.sums}
         if not self.routed:
             return metrics
+        metrics["routed_clips"] = float(self.routed)  # every rank's clips once merged (DDP)
         usage = [value / self.routed for value in self.gate_sum]
         metrics["routing_entropy"] = float(entropy(torch.tensor(self.soft_sum, dtype=torch.float64) / self.routed))
         metrics["gate_entropy"] = self.gate_entropy_sum / self.routed
@@ -84,6 +85,26 @@ class EpochStats:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochStats:
         return cls(**state)
+
+    @classmethod
+    def merge(cls, parts: list[EpochStats]) -> EpochStats:
+        """The sums of several processes' statistics: the epoch summary of every rank's clips together."""
+        merged = cls()
+        for part in parts:
+            for key, value in part.sums.items():
+                merged.sums[key] = merged.sums.get(key, 0.0) + value
+                merged.counts[key] = merged.counts.get(key, 0) + part.counts[key]
+            for name in ("routed", "gate_sum", "soft_sum", "gate_entropy_sum", "family_rows", "family_gate_sum",
+                         "labelled", "hits"):  # fmt: skip
+                setattr(merged, name, _summed(getattr(merged, name), getattr(part, name)))
+        return merged
+
+
+def _summed(a: Any, b: Any) -> Any:
+    """``a + b`` for numbers, element by element for (nested) lists."""
+    if isinstance(a, list):
+        return [_summed(x, y) for x, y in zip(a, b, strict=True)]
+    return a + b
 
 
 def _added(total: list[float], batch: torch.Tensor) -> list[float]:
