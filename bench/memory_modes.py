@@ -11,6 +11,7 @@ high-noise), so the offload mode pays its real DiT switches. A GPU memory cap
   resident   both DiTs on the GPU, no cap (80 GB card)
   offload    offload_inactive_dit, capped at 40 GiB
   fp8_swap   fp8_base + offload_inactive_dit + blocks_to_swap N, capped at 24 GiB
+  swap       blocks_to_swap N alone (bf16, no cap): must match resident's loss exactly (not in the default set)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MODES = {  # name: (memory-mode flags, GPU cap in GiB or None)
     "resident": ({}, None),
     "offload": ({"offload_inactive_dit": True}, 40),
     "fp8_swap": ({"offload_inactive_dit": True, "fp8_base": True}, 24),
+    "swap": ({}, None),  # blocks_to_swap alone, bf16: same numbers as resident, its own time cost
 }
 
 
@@ -57,7 +59,7 @@ def run_mode(name: str, args, task: str, device: torch.device, dtype: torch.dtyp
     from lora_moe_core.training.recipes import Stage2Recipe
 
     flags, cap_gib = MODES[name]
-    if name == "fp8_swap":
+    if name in ("fp8_swap", "swap"):
         flags = {**flags, "blocks_to_swap": args.blocks_to_swap}
     dits = host_dits(task, device, dtype)
     if device.type == "cuda":
@@ -110,7 +112,7 @@ def run_mode(name: str, args, task: str, device: torch.device, dtype: torch.dtyp
 def main() -> None:
     parser = shape_parser(__doc__, steps=6, warmup=2)
     parser.add_argument("--blocks_to_swap", type=int, default=20, help="swapped blocks in the fp8_swap mode")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default="resident,offload,fp8_swap")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     task, device = ("tiny", torch.device("cpu")) if args.smoke else ("t2v-A14B", torch.device("cuda"))

@@ -36,7 +36,8 @@ class FP8Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, fast: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
-        self.fast = fast  # fp8 tensor-core matmul where no gradient flows (see forward)
+        # fp8 tensor-core matmul where no gradient flows (see forward); cuBLAS wants sides divisible by 16
+        self.fast = fast and in_features % 16 == 0 and out_features % 16 == 0
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                    requires_grad=False)  # fmt: skip
         self.weight_scale = nn.Parameter(torch.ones(out_features, device=device), requires_grad=False)
