@@ -27,9 +27,13 @@ def run(transformer: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
     return transformer(**inputs, return_dict=False)[0]
 
 
-def assert_one_line_error(capsys, argv: list[str], *words: str) -> str:
-    """``lora-moe argv`` exits 2 with exactly one ``error:`` line on stderr naming ``words``."""
-    from lora_moe_core.cli import main
+def assert_one_line_error(capsys, argv: list[str], *words: str, main=None) -> str:
+    """``lora-moe argv`` exits 2 with exactly one ``error:`` line on stderr naming ``words``.
+
+    ``main`` replaces ``lora_moe_core.cli.main`` (e.g. a CLI built with extra subcommands).
+    """
+    if main is None:
+        from lora_moe_core.cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 from lora_moe_core.checkpoint import save_checkpoint
 from lora_moe_core.cli import main
 from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, read_lora, write_lora
-from tests.helpers import make_network, randomize_experts
+from tests.helpers import assert_one_line_error, make_network, randomize_experts
+
+_fails_with = assert_one_line_error  # exit 2, one `error:` line naming the words
 
 
 @pytest.fixture
@@ -28,15 +30,6 @@ def checkpoint(tmp_path, tiny_config, tiny_transformer):
     network = make_network(tiny_config, tiny_transformer)
     randomize_experts(network)
     return save_checkpoint(network, tmp_path / "lora_moe_final.safetensors")
-
-
-def _fails_with(capsys, argv, *words):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def test_convert_lora_round_trip(tmp_path, capsys, musubi_lora):

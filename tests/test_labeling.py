@@ -14,6 +14,9 @@ from lora_moe_core.families import FAMILIES
 from lora_moe_core.labeling import label_records, read_labels, write_labels
 from lora_moe_core.synth import generate_dataset
 from lora_moe_core.vocabulary import Vocabulary
+from tests.helpers import assert_one_line_error
+
+_fails_with = assert_one_line_error  # exit 2, one `error:` line naming the words
 
 S, H, SU, OT = "Scissors", "Hook", "Suction", "Other"
 
@@ -353,15 +356,6 @@ def test_user_vocabulary_extends_builtin(tmp_path):
 
 
 # --- 5. bad input -------------------------------------------------------------------------------------
-
-
-def _fails_with(capsys, argv, *words) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and err.count("\n") == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def _manifest_dataset(root: Path, lines: list[str]) -> Path:

@@ -24,6 +24,8 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from tests.helpers import assert_one_line_error
+
 REPO = Path(__file__).resolve().parents[1]
 GPU_STEPS = {"cache-latents", "cache-latents-2", "train-stage1", "train-stage2", "evaluate", "infer-export"}
 
@@ -51,12 +53,7 @@ def lora_moe(monkeypatch):
 
 def fails_with(capsys, main, argv, *words):
     """Exit code 2 and exactly one ``error:`` line on stderr naming ``words``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for word in words:
-        assert word in err, err
-    return err
+    return assert_one_line_error(capsys, argv, *words, main=main)
 
 
 def load(path: Path):
