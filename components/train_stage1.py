@@ -33,22 +33,16 @@ def train_stage1(
     per GPU with ``torchrun`` (as manifests/optional/pytorchjob-stage2.yaml). The trainer opens the step's MLflow
     run, a child of the pipeline's (``MLFLOW_PARENT_RUN_ID``).
     """
-    import json
     import os
     import shutil
-    import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
-    import lora_moe_core
-    from lora_moe_core.cli import main
     from lora_moe_core.storage import Storage, join
+    from lora_moe_core.training.launch import launch_training, resolve_config
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    config_path = Path(config)
-    if not config_path.is_absolute() and not config_path.exists():
-        config_path = Path(lora_moe_core.__file__).resolve().parents[1] / config
+    config_path = resolve_config(config)
     out = Path(tempfile.mkdtemp(prefix="stage1-")) / "vanilla_lora"
     argv = [
         "train",
@@ -72,15 +66,8 @@ def train_stage1(
         tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
     ]
     argv += ["--model", base_model_uri] if base_model_uri else []
-    if gpus > 1:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "-m", "lora_moe_core"]
-        code = subprocess.run([*torchrun, *argv], check=False).returncode
-    else:
-        code = main(argv)
-    if code != 0:
-        raise SystemExit(f"lora-moe train (stage_a) failed with exit code {code} (see the error above)")
+    history = launch_training(argv, gpus, out, "stage_a")
     shutil.copyfile(out / "lora_final.safetensors", lora.path)
-    history = json.loads((out / "training_state_final.json").read_text())["history"]
     for key, value in (history[-1] if history else {}).items():
         if isinstance(value, int | float):
             metrics.log_metric(key, float(value))

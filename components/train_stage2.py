@@ -28,22 +28,16 @@ def train_stage2(
 
     ``config`` and ``gpus`` work as in ``train_stage1``; the MLflow child run is opened by the trainer.
     """
-    import json
     import os
     import shutil
-    import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
-    import lora_moe_core
-    from lora_moe_core.cli import main
     from lora_moe_core.storage import Storage, is_s3, join
+    from lora_moe_core.training.launch import launch_training, resolve_config
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    config_path = Path(config)
-    if not config_path.is_absolute() and not config_path.exists():
-        config_path = Path(lora_moe_core.__file__).resolve().parents[1] / config
+    config_path = resolve_config(config)
     scratch = Path(tempfile.mkdtemp(prefix="stage2-"))
     base_lora = stage1_lora_uri
     if is_s3(stage1_lora_uri):
@@ -73,15 +67,8 @@ def train_stage2(
         tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
     ]
     argv += ["--model", base_model_uri] if base_model_uri else []
-    if gpus > 1:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "-m", "lora_moe_core"]
-        code = subprocess.run([*torchrun, *argv], check=False).returncode
-    else:
-        code = main(argv)
-    if code != 0:
-        raise SystemExit(f"lora-moe train (stage_b) failed with exit code {code} (see the error above)")
+    history = launch_training(argv, gpus, out, "stage_b")
     shutil.copyfile(out / "lora_moe_final.safetensors", lora_moe.path)
-    history = json.loads((out / "training_state_final.json").read_text())["history"]
     for key, value in (history[-1] if history else {}).items():
         if isinstance(value, int | float) and not key.startswith("gate_mean."):
             metrics.log_metric(key, float(value))
