@@ -288,10 +288,7 @@ def submit_run(
     result: dict[str, str] = {}
     if version:
         pipeline_id, version_id = _upload_version(kfp_client, package, pipeline_name or _name(package), version)
-        experiment_id = _call(
-            "create experiment",
-            lambda: kfp_client.create_experiment(experiment, namespace=connection.namespace).experiment_id,
-        )
+        experiment_id = _experiment_id(kfp_client, experiment, connection)
         run = _call(
             "create run",
             lambda: kfp_client.run_pipeline(
@@ -321,6 +318,14 @@ def submit_run(
     return result
 
 
+def _experiment_id(kfp_client: Any, experiment: str, connection: Connection) -> str:
+    """The id of ``experiment`` in the connection's namespace (KFP creates it or returns the existing one)."""
+    return _call(
+        "create experiment",
+        lambda: kfp_client.create_experiment(experiment, namespace=connection.namespace).experiment_id,
+    )
+
+
 def schedule_run(
     connection: Connection,
     package: str | Path,
@@ -343,10 +348,7 @@ def schedule_run(
         raise UserError("--max_concurrency must be >= 1")
     check_arguments(package, arguments)
     kfp_client = client(connection)
-    experiment_id = _call(
-        "create experiment",
-        lambda: kfp_client.create_experiment(experiment, namespace=connection.namespace).experiment_id,
-    )
+    experiment_id = _experiment_id(kfp_client, experiment, connection)
     source: dict[str, Any] = {"pipeline_package_path": str(package)}
     result: dict[str, str] = {"experiment_id": experiment_id}
     if version:
