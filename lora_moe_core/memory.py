@@ -97,7 +97,6 @@ def quantize_blocks_fp8(dit: nn.Module, fast: bool = False, device: torch.device
                 parent_name, _, child = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, child, FP8Linear.from_linear(module, fast, device))
-                del module
                 count += 1
     return count
 
@@ -134,9 +133,6 @@ class HostCopy:
         """Point the parameters back at the host copy; the device memory returns to the caching allocator."""
         for param, host in zip(self.params, self.host, strict=True):
             param.data = host
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.host)
 
 
 def _host_tensor(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
@@ -178,7 +174,8 @@ class BlockSwapper:
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.in_flight: dict[int, torch.cuda.Event] = {}
         self.loads = 0  # host-to-device block copies done (for tests and benchmarks)
-        self.handles = [blocks[i].register_forward_pre_hook(self._hook(i)) for i in range(count)]
+        for index in range(count):
+            blocks[index].register_forward_pre_hook(self._hook(index))
 
     def _hook(self, index: int):
         def before_forward(module: nn.Module, args) -> None:
@@ -217,14 +214,6 @@ class BlockSwapper:
     def swapped_params(self) -> set[int]:
         return {id(p) for copy in self.copies for p in copy.params}
 
-    def remove(self) -> None:
-        """Detach the hooks and leave every swapped block resident on the device."""
-        for handle in self.handles:
-            handle.remove()
-        for copy in self.copies:
-            if not copy.loaded:
-                copy.load()
-
 
 class DiTPlacement:
     """Where the frozen weights of the DiTs live during training, as the memory-mode settings ask.
@@ -243,7 +232,7 @@ class DiTPlacement:
 
     def __init__(self, dits: dict[str, nn.Module], device: torch.device, offload_inactive_dit: bool = False,
                  fp8_base: bool = False, blocks_to_swap: int = 0, fp8_fast: bool = False) -> None:  # fmt: skip
-        self.dits, self.device = dits, device
+        self.dits = dits
         unique = {id(dit): dit for dit in dits.values()}
         self.offload = offload_inactive_dit and len(unique) > 1
         self.blocks_to_swap = blocks_to_swap
