@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import _overrides, build_dit, random_stage1, shape_parser  # noqa: E402
 
 from lora_moe_core.config import load_config  # noqa: E402
-from lora_moe_core.latent_cache import CacheEntry  # noqa: E402
-from lora_moe_core.wan import get_task, linear_shapes  # noqa: E402
+from lora_moe_core.data.latent_cache import CacheEntry  # noqa: E402
+from lora_moe_core.model.wan import get_task, linear_shapes  # noqa: E402
 
 
 class StepTimes:
@@ -66,7 +66,7 @@ def synthetic_entries(task: str, count: int, frames: int, height: int, width: in
 def run_rank(args) -> dict | None:
     import torch.distributed as dist
 
-    from lora_moe_core.classifier import InstrumentClassifier
+    from lora_moe_core.model.classifier import InstrumentClassifier
     from lora_moe_core.training import loop as loop_module
     from lora_moe_core.training.loop import TrainingLoop
     from lora_moe_core.training.recipes import Stage2Recipe

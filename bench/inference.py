@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_step import build_dit, random_stage1  # noqa: E402
+from lora_moe_core.adapters.network import build_network  # noqa: E402
 from lora_moe_core.config import load_config  # noqa: E402
-from lora_moe_core.network import build_network  # noqa: E402
-from lora_moe_core.vocabulary import instrument_logits  # noqa: E402
+from lora_moe_core.data.vocabulary import instrument_logits  # noqa: E402
 
 
 def _time(fn, warmup: int, repeats: int, device: torch.device) -> float:
@@ -79,7 +79,7 @@ def dit_steps(task: str, device: torch.device, dtype: torch.dtype, shape: tuple[
 
 
 def _shapes(dit):
-    from lora_moe_core.wan import linear_shapes
+    from lora_moe_core.model.wan import linear_shapes
 
     return linear_shapes(dit)
 
@@ -88,7 +88,7 @@ def _shapes(dit):
 def vae_encode(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], args, tiny: bool) -> float:
     from diffusers import AutoencoderKLWan
 
-    from lora_moe_core.models import TINY_VAE
+    from lora_moe_core.model.loading import TINY_VAE
 
     frames, height, width = shape
     vae = AutoencoderKLWan(**TINY_VAE) if tiny else AutoencoderKLWan()  # default config = the Wan2.1 VAE

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import _inputs, _overrides, build_dit, random_stage1, shape_parser  # noqa: E402
 
 from lora_moe_core.config import load_config  # noqa: E402
-from lora_moe_core.memory import DiTPlacement  # noqa: E402
-from lora_moe_core.wan import linear_shapes  # noqa: E402
+from lora_moe_core.model.memory import DiTPlacement  # noqa: E402
+from lora_moe_core.model.wan import linear_shapes  # noqa: E402
 
 MODES = {  # name: (memory-mode flags, GPU cap in GiB or None)
     "resident": ({}, None),
@@ -53,8 +53,8 @@ def host_dits(task: str, device: torch.device, dtype: torch.dtype) -> dict[str, 
 
 
 def run_mode(name: str, args, task: str, device: torch.device, dtype: torch.dtype) -> dict:
-    from lora_moe_core.classifier import InstrumentClassifier
-    from lora_moe_core.training.data import Batch
+    from lora_moe_core.model.classifier import InstrumentClassifier
+    from lora_moe_core.training.batches import Batch
     from lora_moe_core.training.monitor import EpochStats
     from lora_moe_core.training.recipes import Stage2Recipe
 

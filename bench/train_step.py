@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_moe_core.config import load_config  # noqa: E402
-from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, write_lora  # noqa: E402
-from lora_moe_core.wan import get_task, linear_shapes, resolve_targets  # noqa: E402
+from lora_moe_core.formats.lora_files import LoRAFile, LoRAModuleWeights, write_lora  # noqa: E402
+from lora_moe_core.model.wan import get_task, linear_shapes, resolve_targets  # noqa: E402
 
 
 def build_dit(task: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -129,9 +129,9 @@ def parse_mode(mode: str) -> tuple[str, dict]:
 
 
 def run_ours(task, dit, config, latents, text, loop_experts: bool, folder: Path, options: dict | None = None):
-    from lora_moe_core.classifier import InstrumentClassifier
-    from lora_moe_core.memory import DiTPlacement
-    from lora_moe_core.training.data import Batch
+    from lora_moe_core.model.classifier import InstrumentClassifier
+    from lora_moe_core.model.memory import DiTPlacement
+    from lora_moe_core.training.batches import Batch
     from lora_moe_core.training.monitor import EpochStats
     from lora_moe_core.training.recipes import Stage2Recipe
 
@@ -170,7 +170,7 @@ def _overrides(config) -> dict:
 
 def _use_expert_loop(dit) -> None:
     """Swap the fused expert product for a per-expert loop (same function, E small GEMM pairs)."""
-    from lora_moe_core.moe import LoRAMoELinear
+    from lora_moe_core.adapters.moe import LoRAMoELinear
 
     def looped(self, x):
         y = self.base_layer(x)

@@ -26,8 +26,8 @@ def cache_latents(
     import os
     import tempfile
 
-    from lora_moe_core.cli import main
-    from lora_moe_core.tracking import start_tracker
+    from lora_moe_core.cli.main import main
+    from lora_moe_core.tracking.tracker import start_tracker
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     argv = [

@@ -39,8 +39,8 @@ def evaluate(
     import tempfile
     from pathlib import Path
 
-    from lora_moe_core.cli import main
-    from lora_moe_core.storage import Storage, is_s3
+    from lora_moe_core.cli.main import main
+    from lora_moe_core.storage.store import Storage, is_s3
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = Path(tempfile.mkdtemp(prefix="evaluate-"))

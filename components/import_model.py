@@ -18,16 +18,16 @@ def import_lora_moe(lora_moe_uri: str, lora_moe: Output[Model], tracking: dict, 
     import tempfile
     from pathlib import Path
 
-    from lora_moe_core.checkpoint import read_checkpoint
+    from lora_moe_core.adapters.checkpoint import read_checkpoint
     from lora_moe_core.errors import UserError
-    from lora_moe_core.storage import Storage, is_s3
+    from lora_moe_core.storage.store import Storage, is_s3
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = Path(tempfile.mkdtemp(prefix="import-lora-moe-"))
     if lora_moe_uri.startswith("models:/"):
         import mlflow
 
-        from lora_moe_core.tracking import resolve_tracking_uri
+        from lora_moe_core.tracking.tracker import resolve_tracking_uri
 
         mlflow.set_tracking_uri(resolve_tracking_uri())
         mlflow.set_registry_uri(resolve_tracking_uri())

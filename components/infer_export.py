@@ -37,9 +37,9 @@ def infer_export(
     import tempfile
     from pathlib import Path
 
-    from lora_moe_core.cli import main
+    from lora_moe_core.cli.main import main
     from lora_moe_core.families import FAMILIES
-    from lora_moe_core.tracking import start_tracker
+    from lora_moe_core.tracking.tracker import start_tracker
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     clips, loras = Path(videos.path), Path(instrument_loras.path)

@@ -14,9 +14,9 @@ def label_captions(dataset_uri: str, labels: Output[Dataset], tracking: dict, kf
     import os
     import tempfile
 
-    from lora_moe_core.cli import main
+    from lora_moe_core.cli.main import main
     from lora_moe_core.families import FAMILIES
-    from lora_moe_core.tracking import start_tracker
+    from lora_moe_core.tracking.tracker import start_tracker
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = tempfile.mkdtemp(prefix="label-")

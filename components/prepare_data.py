@@ -30,11 +30,11 @@ def prepare_data(
     import tempfile
     from collections import namedtuple
 
-    from lora_moe_core.dataset import load_dataset
+    from lora_moe_core.data.dataset import load_dataset
+    from lora_moe_core.data.synth import generate_dataset
     from lora_moe_core.errors import UserError
-    from lora_moe_core.storage import Storage, is_s3, join
-    from lora_moe_core.synth import generate_dataset
-    from lora_moe_core.tracking import start_tracker
+    from lora_moe_core.storage.store import Storage, is_s3, join
+    from lora_moe_core.tracking.tracker import start_tracker
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     storage, scratch = Storage(), tempfile.mkdtemp(prefix="prepare-data-")

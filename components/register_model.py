@@ -22,9 +22,9 @@ def register_model(
     import tempfile
     from pathlib import Path
 
-    from lora_moe_core.mlflow_runs import register_model
-    from lora_moe_core.registry import package_model
-    from lora_moe_core.tracking import MLflowTracker, start_tracker
+    from lora_moe_core.tracking.registry import package_model
+    from lora_moe_core.tracking.runs import register_model
+    from lora_moe_core.tracking.tracker import MLflowTracker, start_tracker
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = Path(tempfile.mkdtemp(prefix="register-"))

@@ -2,7 +2,7 @@
 
 Every other step receives ``start_tracking``'s output, a dict of environment variables (``MLFLOW_PARENT_RUN_ID``,
 ``MLFLOW_EXPERIMENT_NAME``, ``KFP_RUN_ID``, ``KFP_RUN_NAME``), sets them, and opens its MLflow run as a child of the
-parent (``lora_moe_core.tracking`` tags it ``kfp.run_id``/``kfp.run_name``/``kfp.task``).
+parent (``lora_moe_core.tracking.tracker`` tags it ``kfp.run_id``/``kfp.run_name``/``kfp.task``).
 """
 
 from kfp import dsl
@@ -20,9 +20,9 @@ def start_tracking(experiment: str, pipeline: str, kfp_run_id: str, kfp_run_name
     import os
     import tempfile
 
-    from lora_moe_core.mlflow_runs import start_parent_run
     from lora_moe_core.redaction import redact
-    from lora_moe_core.tracking import resolve_tracking_uri
+    from lora_moe_core.tracking.runs import start_parent_run
+    from lora_moe_core.tracking.tracker import resolve_tracking_uri
 
     env = {"KFP_RUN_ID": kfp_run_id, "KFP_RUN_NAME": kfp_run_name, "MLFLOW_EXPERIMENT_NAME": experiment}
     os.environ.update(env)
@@ -52,9 +52,9 @@ def finish_tracking(tracking: dict = {}, final_stage: str = "register"):  # noqa
         return
     from mlflow import MlflowClient
 
-    from lora_moe_core.mlflow_runs import finish_run
     from lora_moe_core.redaction import redact
-    from lora_moe_core.tracking import HTTP_ENV_DEFAULTS, resolve_tracking_uri
+    from lora_moe_core.tracking.runs import finish_run
+    from lora_moe_core.tracking.tracker import HTTP_ENV_DEFAULTS, resolve_tracking_uri
 
     for key, value in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)

@@ -38,7 +38,7 @@ def train_stage1(
     import tempfile
     from pathlib import Path
 
-    from lora_moe_core.storage import Storage, join
+    from lora_moe_core.storage.store import Storage, join
     from lora_moe_core.training.launch import launch_training, resolve_config
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
@@ -85,9 +85,9 @@ def import_stage1(stage1_lora_uri: str, lora: Output[Model], tracking: dict, kfp
     import tempfile
     from pathlib import Path
 
-    from lora_moe_core.lora_formats import read_lora
-    from lora_moe_core.storage import Storage, is_s3
-    from lora_moe_core.tracking import start_tracker
+    from lora_moe_core.formats.lora_files import read_lora
+    from lora_moe_core.storage.store import Storage, is_s3
+    from lora_moe_core.tracking.tracker import start_tracker
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
     scratch = Path(tempfile.mkdtemp(prefix="import-stage1-"))

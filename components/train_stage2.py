@@ -33,7 +33,7 @@ def train_stage2(
     import tempfile
     from pathlib import Path
 
-    from lora_moe_core.storage import Storage, is_s3, join
+    from lora_moe_core.storage.store import Storage, is_s3, join
     from lora_moe_core.training.launch import launch_training, resolve_config
 
     os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})

@@ -1,5 +1,5 @@
 import sys
 
-from lora_moe_core.cli import main
+from lora_moe_core.cli.main import main
 
 sys.exit(main())

@@ -242,7 +242,7 @@ def _format_error(error: ValidationError, source: str) -> str:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, turning every failure into a one-line :class:`UserError`."""
-    from lora_moe_core.dataset import decode_utf8
+    from lora_moe_core.data.dataset import decode_utf8
 
     path = Path(path)
     try:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 MASK = "***"
-# Environment variables whose values are secret: S3 (lora_moe_core.s3_backend), MLflow's HTTP auth (read by the
+# Environment variables whose values are secret: S3 (lora_moe_core.storage.s3_backend), MLflow's HTTP auth (read by the
 # MLflow client), the KFP API (pipelines/submit.py) and MinIO's own root password (manifests/).
 SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",

@@ -56,7 +56,7 @@ class LocalRun:
         )
 
     def arguments(self) -> dict[str, Any]:
-        from lora_moe_core.storage import join
+        from lora_moe_core.storage.store import join
 
         width, height, frames = self.sample_size
         if self.pipeline == "inference":
@@ -149,7 +149,7 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 def _check_store(store: str) -> None:
     """Fail before any step runs when the store cannot be written (one line, no traceback)."""
-    from lora_moe_core.storage import Storage, is_s3, join
+    from lora_moe_core.storage.store import Storage, is_s3, join
 
     if not is_s3(store):
         try:

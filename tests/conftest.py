@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_moe_core.config import Config, load_config
-from lora_moe_core.wan import build_transformer
+from lora_moe_core.model.wan import build_transformer
 from tests.mlflow_server import mlflow_s3_server, mlflow_server  # noqa: F401  (real MLflow server)
 from tests.s3_server import s3_env, s3_server  # noqa: F401  (real SeaweedFS S3 for the storage tests)
 
@@ -45,8 +45,8 @@ def tiny_inputs() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> str:
     """8 synthetic clips (64×48, 17 frames) cached for the tiny model: the training tests' dataset."""
-    from lora_moe_core.cli import main
-    from lora_moe_core.synth import generate_dataset
+    from lora_moe_core.cli.main import main
+    from lora_moe_core.data.synth import generate_dataset
 
     folder = tmp_path_factory.mktemp("train-data")
     generate_dataset(folder / "data", 8, seed=0, width=64, height=48, num_frames=17)

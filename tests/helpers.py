@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lora_moe_core.adapters.network import LoRAMoENetwork
 from lora_moe_core.config import Config
-from lora_moe_core.network import LoRAMoENetwork
-from lora_moe_core.wan import linear_shapes, resolve_targets
+from lora_moe_core.model.wan import linear_shapes, resolve_targets
 
 
 def randomize_experts(network: LoRAMoENetwork, std: float = 0.2) -> None:
@@ -33,7 +33,7 @@ def assert_one_line_error(capsys, argv: list[str], *words: str, main=None) -> st
     ``main`` replaces ``lora_moe_core.cli.main`` (e.g. a CLI built with extra subcommands).
     """
     if main is None:
-        from lora_moe_core.cli import main
+        from lora_moe_core.cli.main import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -3,7 +3,7 @@
 ``running_s3_server()`` is a plain context manager (usable outside pytest), ``WeedMini`` a server that tests can
 stop and restart on the same ports and data dir; ``s3_server`` is the session-scoped
 fixture that starts one server per test run, and ``s3_env`` is the per-test fixture that points the
-``lora_moe_core.storage`` environment variables at it. Make them global with, in ``tests/conftest.py``::
+``lora_moe_core.storage.store`` environment variables at it. Make them global with, in ``tests/conftest.py``::
 
     from tests.s3_server import s3_env, s3_server  # noqa: F401
 
@@ -54,7 +54,7 @@ class S3Server:
     start_seconds: float  # wall time from spawn to the S3 port answering /status with 200
 
     def env(self) -> dict[str, str]:
-        """The environment variables that ``lora_moe_core.storage`` (and MLflow/boto3) read."""
+        """The environment variables that ``lora_moe_core.storage.store`` (and MLflow/boto3) read."""
         return {
             "S3_ENDPOINT_URL": self.endpoint_url,
             "MLFLOW_S3_ENDPOINT_URL": self.endpoint_url,

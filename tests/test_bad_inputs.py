@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_moe_core.cli import main
+from lora_moe_core.cli.main import main
 from tests.helpers import assert_one_line_error
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -104,9 +104,9 @@ def _long_caption(src: Path) -> None:
 
 
 def _nan_checkpoint(src: Path) -> None:
-    from lora_moe_core.checkpoint import save_checkpoint
+    from lora_moe_core.adapters.checkpoint import save_checkpoint
     from lora_moe_core.config import load_config
-    from lora_moe_core.wan import build_transformer
+    from lora_moe_core.model.wan import build_transformer
     from tests.helpers import make_network
 
     network = make_network(load_config(None, {"task": "tiny"}), build_transformer("tiny", seed=0))
@@ -257,7 +257,7 @@ def test_mixed_dataset_caches_the_good_video_and_reports_the_bad_ones(mixed_run)
 
 
 def test_caption_limits_are_inclusive_and_allow_tabs_and_line_breaks(tmp_path):
-    from lora_moe_core.dataset import MAX_CAPTION_CHARS, load_dataset
+    from lora_moe_core.data.dataset import MAX_CAPTION_CHARS, load_dataset
 
     caption = "电凝钩\t分离\r\n组织" + "a" * (MAX_CAPTION_CHARS - 10)
     assert len(caption) == MAX_CAPTION_CHARS
@@ -266,7 +266,7 @@ def test_caption_limits_are_inclusive_and_allow_tabs_and_line_breaks(tmp_path):
 
 
 def test_committed_corpus_is_what_make_bad_writes():
-    from lora_moe_core.video import VideoInfo, probe_video
+    from lora_moe_core.data.video import VideoInfo, probe_video
 
     spec = importlib.util.spec_from_file_location("make_bad", BAD / "make_bad.py")
     make_bad = importlib.util.module_from_spec(spec)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_moe_core.cli import main
-from lora_moe_core.latent_cache import read_cache
-from lora_moe_core.storage import Storage
-from lora_moe_core.synth import generate_dataset
+from lora_moe_core.cli.main import main
+from lora_moe_core.data.latent_cache import read_cache
+from lora_moe_core.data.synth import generate_dataset
+from lora_moe_core.storage.store import Storage
 
 CLIP = ["--target_frames", "17"]  # 64×48 clips of 17 frames: latents [16, 5, 6, 8]
 

@@ -9,13 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_moe_core.checkpoint import load_network, save_checkpoint
+from lora_moe_core.adapters.checkpoint import load_network, save_checkpoint
+from lora_moe_core.adapters.network import build_network
 from lora_moe_core.config import load_config
+from lora_moe_core.data.vocabulary import instrument_logits
 from lora_moe_core.errors import UserError
-from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, read_lora, write_lora
-from lora_moe_core.network import build_network
-from lora_moe_core.vocabulary import instrument_logits
-from lora_moe_core.wan import linear_shapes, task_linear_shapes
+from lora_moe_core.formats.lora_files import LoRAFile, LoRAModuleWeights, read_lora, write_lora
+from lora_moe_core.model.wan import linear_shapes, task_linear_shapes
 from tests.helpers import make_network, randomize_experts, run
 
 
@@ -116,7 +116,7 @@ def test_stage1_lora_for_another_model_fails_clearly(tmp_path, tiny_transformer)
 def test_written_safetensors_get_the_umask_mode_not_mkstemp_0600(tmp_path):
     import os
 
-    from lora_moe_core.safetensors_io import write_safetensors
+    from lora_moe_core.formats.safetensors_io import write_safetensors
 
     previous = os.umask(0o002)  # a shared volume's group-writable setting
     try:

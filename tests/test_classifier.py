@@ -8,7 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_moe_core.classifier import (
+from lora_moe_core.cli.main import main
+from lora_moe_core.data.latent_cache import CacheEntry, read_cache
+from lora_moe_core.errors import UserError
+from lora_moe_core.families import FAMILIES, NUM_FAMILIES
+from lora_moe_core.formats.safetensors_io import read_safetensors
+from lora_moe_core.model.classifier import (
     ClassifierReport,
     InstrumentClassifier,
     load_classifier,
@@ -16,11 +21,6 @@ from lora_moe_core.classifier import (
     split_entries,
     train_classifier,
 )
-from lora_moe_core.cli import main
-from lora_moe_core.errors import UserError
-from lora_moe_core.families import FAMILIES, NUM_FAMILIES
-from lora_moe_core.latent_cache import CacheEntry, read_cache
-from lora_moe_core.safetensors_io import read_safetensors
 
 SHAPE = (16, 3, 4, 6)  # [C, F, H, W]
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_moe_core.checkpoint import save_checkpoint
-from lora_moe_core.cli import main
-from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, read_lora, write_lora
+from lora_moe_core.adapters.checkpoint import save_checkpoint
+from lora_moe_core.cli.main import main
+from lora_moe_core.formats.lora_files import LoRAFile, LoRAModuleWeights, read_lora, write_lora
 from tests.helpers import assert_one_line_error, make_network, randomize_experts
 
 _fails_with = assert_one_line_error  # exit 2, one `error:` line naming the words

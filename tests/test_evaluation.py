@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_moe_core.cli import main
+from lora_moe_core.cli.main import main
 from tests.helpers import assert_one_line_error, unlabelled_copy
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from lora_moe_core.export import export_instrument_lora
-from lora_moe_core.lora_formats import LoRAModuleWeights, read_lora
-from lora_moe_core.vocabulary import instrument_logits
-from lora_moe_core.wan import build_transformer, linear_shapes
+from lora_moe_core.adapters.export import export_instrument_lora
+from lora_moe_core.data.vocabulary import instrument_logits
+from lora_moe_core.formats.lora_files import LoRAModuleWeights, read_lora
+from lora_moe_core.model.wan import build_transformer, linear_shapes
 from tests.helpers import make_network, randomize_experts, run
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.storage import MIN_PART_SIZE, Storage
+from lora_moe_core.storage.store import MIN_PART_SIZE, Storage
 from tests.s3_server import S3Server, WeedMini, find_weed
 
 MIB = 1024 * 1024
@@ -240,7 +240,7 @@ def test_a_lost_multipart_upload_starts_over(weed: WeedMini, tmp_path: Path, cap
 _FULL_DISK_CHILD = """
 import resource, sys
 from lora_moe_core.errors import UserError
-from lora_moe_core.storage import Storage
+from lora_moe_core.storage.store import Storage
 resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 1024 * 1024, resource.RLIM_INFINITY))  # writes past 2 MiB: EFBIG
 try:
     Storage().sync_dir_from(sys.argv[1], sys.argv[2])

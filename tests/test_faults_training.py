@@ -29,12 +29,12 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from lora_moe_core import tracking
-from lora_moe_core.cli import main
+from lora_moe_core.cli.main import main
+from lora_moe_core.data.latent_cache import LATENT_FILE, read_cache
+from lora_moe_core.data.synth import generate_dataset
 from lora_moe_core.errors import disk_full_reason
-from lora_moe_core.latent_cache import LATENT_FILE, read_cache
-from lora_moe_core.safetensors_io import read_safetensors
-from lora_moe_core.synth import generate_dataset
+from lora_moe_core.formats.safetensors_io import read_safetensors
+from lora_moe_core.tracking import tracker as tracking
 from lora_moe_core.training import state as run_state
 from lora_moe_core.training.state import STATE_FILE
 from tests.mlflow_server import _free_port, _server_command, _wait_healthy
@@ -148,7 +148,7 @@ WRITER = """
 import sys
 from pathlib import Path
 import torch
-from lora_moe_core.safetensors_io import write_safetensors
+from lora_moe_core.formats.safetensors_io import write_safetensors
 from lora_moe_core.training import state
 
 out = Path(sys.argv[1])
@@ -324,7 +324,7 @@ def _run_by_name(client, name: str):
 def test_mlflow_down_at_start_and_killed_mid_run(tiny_cache, stage1, tmp_path, monkeypatch, caplog, capsys):
     from mlflow import MlflowClient
 
-    caplog.set_level(logging.WARNING, logger="lora_moe_core.tracking")
+    caplog.set_level(logging.WARNING, logger="lora_moe_core.tracking.tracker")
     server = _MlflowServer(tmp_path / "mlflow", _free_port())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     try:
@@ -332,7 +332,7 @@ def test_mlflow_down_at_start_and_killed_mid_run(tiny_cache, stage1, tmp_path, m
         down = tmp_path / "down_at_start"
         assert main(_stage2_argv(tiny_cache, stage1, down, *RUN[:2], "--num_train_epochs", "20")) == 0
         assert _fallback_steps(down / tracking.FALLBACK_FILE) == [1, 2, 3, 4, 5, 6]
-        warnings = [r.getMessage() for r in caplog.records if r.name == "lora_moe_core.tracking"]
+        warnings = [r.getMessage() for r in caplog.records if r.name == "lora_moe_core.tracking.tracker"]
         assert len(warnings) == 2 and "unreachable" in warnings[0] and server.uri in warnings[0]
         assert f"lora-moe sync-tracking {down / tracking.FALLBACK_FILE}" in warnings[1]
 

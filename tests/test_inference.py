@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lora_moe_core.checkpoint import save_checkpoint
-from lora_moe_core.cli import main
+from lora_moe_core.adapters.checkpoint import save_checkpoint
+from lora_moe_core.cli.main import main
 from lora_moe_core.config import load_config
+from lora_moe_core.data.mp4 import read_mp4, write_mp4
 from lora_moe_core.errors import UserError
-from lora_moe_core.inference import InferenceSession, resolve_route
-from lora_moe_core.mp4 import read_mp4, write_mp4
-from lora_moe_core.wan import build_transformer
+from lora_moe_core.inference.generate import InferenceSession, resolve_route
+from lora_moe_core.model.wan import build_transformer
 from tests.helpers import make_network, randomize_experts
 
 SIZE = dict(height=64, width=64, num_frames=17, num_inference_steps=4)
@@ -81,7 +81,7 @@ def test_routing_priority(session) -> None:
 
 
 def test_classifier_routes_by_reference_video(checkpoint, tmp_path) -> None:
-    from lora_moe_core.classifier import ClassifierReport, InstrumentClassifier, save_classifier
+    from lora_moe_core.model.classifier import ClassifierReport, InstrumentClassifier, save_classifier
 
     report = ClassifierReport(0, 0, None, {})
     weights = save_classifier(InstrumentClassifier(width=8), tmp_path / "clf.safetensors", report)
@@ -155,7 +155,7 @@ def test_bad_input_is_one_line(checkpoint, tmp_path, capsys, extra, message) -> 
 def test_checkpoint_for_another_model_size(tmp_path, capsys) -> None:
     from diffusers import WanTransformer3DModel
 
-    from lora_moe_core.wan import TASKS
+    from lora_moe_core.model.wan import TASKS
 
     wider = WanTransformer3DModel(**{**TASKS["tiny"].transformer_config, "attention_head_dim": 16})
     other = _save_network(tmp_path / "other.safetensors", wider)

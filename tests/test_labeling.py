@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from lora_moe_core.cli import main
-from lora_moe_core.dataset import load_dataset
+from lora_moe_core.cli.main import main
+from lora_moe_core.data.dataset import load_dataset
+from lora_moe_core.data.labeling import label_records, read_labels, write_labels
+from lora_moe_core.data.synth import generate_dataset
+from lora_moe_core.data.vocabulary import Vocabulary
 from lora_moe_core.families import FAMILIES
-from lora_moe_core.labeling import label_records, read_labels, write_labels
-from lora_moe_core.synth import generate_dataset
-from lora_moe_core.vocabulary import Vocabulary
 from tests.helpers import assert_one_line_error
 
 _fails_with = assert_one_line_error  # exit 2, one `error:` line naming the words

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_moe_core.layers import LoRALinear, LoRAWeights
-from lora_moe_core.moe import ExpertLoRAWeights, LoRAMoELinear, RouteState
+from lora_moe_core.adapters.lora import LoRALinear, LoRAWeights
+from lora_moe_core.adapters.moe import ExpertLoRAWeights, LoRAMoELinear, RouteState
 
 
 def _moe_layer(with_base: bool = True, with_experts: bool = True) -> LoRAMoELinear:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.lora_formats import (
+from lora_moe_core.formats.lora_files import (
     DIFFUSERS_METADATA_KEY,
     FORMATS,
     LoRAFile,

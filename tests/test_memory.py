@@ -9,14 +9,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lora_moe_core.cli import main
+from lora_moe_core.adapters.moe import LoRAMoELinear
+from lora_moe_core.cli.main import main
 from lora_moe_core.config import load_config
-from lora_moe_core.memory import FP8_DTYPE, DiTPlacement, FP8Linear, quantize_blocks_fp8
-from lora_moe_core.moe import LoRAMoELinear
-from lora_moe_core.training.data import Batch
+from lora_moe_core.model.memory import FP8_DTYPE, DiTPlacement, FP8Linear, quantize_blocks_fp8
+from lora_moe_core.model.wan import build_transformer
+from lora_moe_core.training.batches import Batch
 from lora_moe_core.training.monitor import EpochStats
 from lora_moe_core.training.recipes import Stage2Recipe
-from lora_moe_core.wan import build_transformer
 from tests.helpers import assert_one_line_error
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lora_moe_core.layers import LoRAWeights
-from lora_moe_core.lora_formats import LoRAModuleWeights
-from lora_moe_core.moe import LoRAMoELinear
-from lora_moe_core.network import LoRAMoENetwork, LoRANetwork
-from lora_moe_core.vocabulary import instrument_logits
-from lora_moe_core.wan import build_transformer, linear_shapes, resolve_targets, task_linear_shapes
+from lora_moe_core.adapters.lora import LoRAWeights
+from lora_moe_core.adapters.moe import LoRAMoELinear
+from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork
+from lora_moe_core.data.vocabulary import instrument_logits
+from lora_moe_core.formats.lora_files import LoRAModuleWeights
+from lora_moe_core.model.wan import build_transformer, linear_shapes, resolve_targets, task_linear_shapes
 from tests.helpers import make_network, randomize_experts, run
 
 

@@ -33,8 +33,8 @@ GPU_STEPS = {"cache-latents", "cache-latents-2", "train-stage1", "train-stage2",
 @pytest.fixture
 def lora_moe(monkeypatch):
     """``lora_moe_core.cli.main``, with the ``pipeline`` command added when cli.py does not wire it yet."""
-    from lora_moe_core import cli
-    from lora_moe_core.pipeline_cli import add_pipeline_parser
+    from lora_moe_core.cli import main as cli
+    from pipelines.cli import add_pipeline_parser
 
     def commands_of(parser):
         return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -73,7 +73,7 @@ def load(path: Path):
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """The default compile of both pipelines (the handler ``lora-moe pipeline compile`` runs)."""
-    from lora_moe_core.pipeline_cli import add_pipeline_parser
+    from pipelines.cli import add_pipeline_parser
 
     parser = argparse.ArgumentParser()
     add_pipeline_parser(parser.add_subparsers(dest="command"))

@@ -26,7 +26,7 @@ def summary_paths(out: str) -> dict[str, Path]:
 
 
 def check_outputs(paths: dict[str, Path]) -> None:
-    from lora_moe_core.checkpoint import read_checkpoint
+    from lora_moe_core.adapters.checkpoint import read_checkpoint
     from lora_moe_core.families import FAMILIES
 
     assert read_checkpoint(paths["Stage-2 checkpoint"]).config.model.task == "tiny"
@@ -102,8 +102,8 @@ def test_local_run_folder_store_and_sqlite(tmp_path, capsys, lora_moe):  # noqa:
 @pytest.fixture
 def stage1_lora(tmp_path) -> Path:
     """A user's Stage-1 LoRA for the tiny model in musubi keys (the seed's users trained it with musubi-tuner)."""
-    from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, write_lora
-    from lora_moe_core.wan import build_transformer, linear_shapes
+    from lora_moe_core.formats.lora_files import LoRAFile, LoRAModuleWeights, write_lora
+    from lora_moe_core.model.wan import build_transformer, linear_shapes
 
     generator = torch.Generator().manual_seed(3)
     modules = {}
@@ -122,7 +122,7 @@ def test_local_run_on_s3_and_mlflow_server(tmp_path, capsys, lora_moe, s3_env, m
     gives them (environment; the password also in the tracking URI; the test server ignores it), are in no output:
     the printed lines, the run folder with KFP's pipeline root and the steps' temporary files, every object the
     run stored, and the MLflow server's store, artifacts and log."""
-    from lora_moe_core.storage import Storage
+    from lora_moe_core.storage.store import Storage
     from tests.test_security import MLFLOW_PASSWORD, find_leaks
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "lora-moe")

@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from lora_moe_core import roi
+from lora_moe_core.cache import roi
 from lora_moe_core.errors import UserError
-from lora_moe_core.models import build_tiny_tokenizer, encode_prompts, encode_video, load_encoders, save_tiny_model
+from lora_moe_core.model.loading import (
+    build_tiny_tokenizer,
+    encode_prompts,
+    encode_video,
+    load_encoders,
+    save_tiny_model,
+)
 
 
 def test_latent_frame_groups_follow_the_wan_vae():

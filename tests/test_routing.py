@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_moe_core.routing import (
+from lora_moe_core.adapters.routing import (
     GateStatistics,
     InstrumentRouter,
     TimestepGates,
@@ -12,7 +12,7 @@ from lora_moe_core.routing import (
     teacher_distribution,
     top_k_gates,
 )
-from lora_moe_core.vocabulary import instrument_logits
+from lora_moe_core.data.vocabulary import instrument_logits
 
 
 def test_top2_gates_sum_to_one_with_two_nonzero():

@@ -30,7 +30,7 @@ FILES, FILE_SIZE, WORKERS = 64, 32 * MIB, 8
 RSS_LIMIT_MB = 300
 _CHILD = """
 import json, sys, time
-from lora_moe_core.storage import Storage
+from lora_moe_core.storage.store import Storage
 direction, src, dst, workers = sys.argv[1:5]
 store, started = Storage(workers=int(workers)), time.monotonic()
 copied = store.sync_dir_to(src, dst) if direction == "up" else store.sync_dir_from(src, dst)

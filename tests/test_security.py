@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from components.images import IMAGE_UID
-from lora_moe_core.cli import main as lora_moe
+from lora_moe_core.cli.main import main as lora_moe
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import MASK, SECRET_ENV_VARS, is_secret_name, redact, redact_mapping, redact_url
 from tests.test_deploy_files import DOCKERFILES, MANIFESTS, OVERLAYS, _render, _stages, parse_dockerfile
@@ -74,7 +74,7 @@ def find_leaks(
         (str(path), path.read_bytes()) for folder in folders for path in Path(folder).rglob("*") if path.is_file()
     ]
     if prefixes := list(s3_prefixes):
-        from lora_moe_core.storage import Storage
+        from lora_moe_core.storage.store import Storage
 
         storage = Storage()
         blobs += [(uri, storage.read_bytes(uri)) for prefix in prefixes for uri in storage.list(prefix)]
@@ -88,7 +88,7 @@ def find_leaks(
 
 
 def test_find_leaks_finds_each_form_in_files_sqlite_and_s3(tmp_path, s3_env):
-    from lora_moe_core.storage import Storage
+    from lora_moe_core.storage.store import Storage
 
     (tmp_path / "log.txt").write_text(f"GET http://lora-moe:{urllib.parse.quote(S3_SECRET, safe='')}@host/x\n")
     with sqlite3.connect(tmp_path / "store.db") as db:
@@ -187,7 +187,7 @@ def test_tracker_masks_params_tags_uri_and_errors_in_warnings_and_fallback(tmp_p
     everything the server would have received, carry no secret."""
     import socket
 
-    from lora_moe_core.tracking import FALLBACK_FILE, HTTP_ENV_DEFAULTS, start_tracker
+    from lora_moe_core.tracking.tracker import FALLBACK_FILE, HTTP_ENV_DEFAULTS, start_tracker
 
     for key, value in HTTP_ENV_DEFAULTS.items():  # start_tracker sets these process-wide; restore them after
         monkeypatch.setenv(key, value)
@@ -215,7 +215,7 @@ def test_tracker_on_a_server_keeps_the_password_out_of_stdout_and_the_store(mlfl
     is suppressed; params and tags reach the server masked."""
     from mlflow import MlflowClient
 
-    from lora_moe_core.tracking import start_tracker
+    from lora_moe_core.tracking.tracker import start_tracker
 
     uri = mlflow_server.uri.replace("://", f"://lora-moe:{MLFLOW_PASSWORD}@")
     with pytest.MonkeyPatch.context() as env:  # start_tracker sets MLflow's variables process-wide: restore them
@@ -248,7 +248,7 @@ SECRET_WORDS = {"key", "secret", "password", "passwd", "token", "credential", "c
 @pytest.fixture(scope="module")
 def compiled_with_secrets(tmp_path_factory):
     """Both pipelines compiled (``lora-moe pipeline compile``) in an environment full of credentials."""
-    from lora_moe_core.pipeline_cli import add_pipeline_parser
+    from pipelines.cli import add_pipeline_parser
 
     with pytest.MonkeyPatch.context() as env:
         for name, value in SECRET_ENV.items():

@@ -1,4 +1,4 @@
-"""lora_moe_core.storage against a real SeaweedFS server (``weed mini``) and the local file system."""
+"""lora_moe_core.storage.store against a real SeaweedFS server (``weed mini``) and the local file system."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.storage import MIN_PART_SIZE, S3Settings, Storage, is_s3, join, parse_s3, resolve_under
+from lora_moe_core.storage.store import MIN_PART_SIZE, S3Settings, Storage, is_s3, join, parse_s3, resolve_under
 from tests.s3_server import S3Server
 
 MIB = 1024 * 1024
@@ -292,6 +292,6 @@ def test_local_errors_are_user_errors(store: Storage, tmp_path: Path) -> None:
 
 
 def test_import_does_not_touch_minio_or_the_environment() -> None:
-    code = "import sys, lora_moe_core.storage; assert 'minio' not in sys.modules and 'urllib3' not in sys.modules"
+    code = "import sys, lora_moe_core.storage.store; assert 'minio' not in sys.modules and 'urllib3' not in sys.modules"
     env = {"PATH": os.environ.get("PATH", "")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parents[1])

@@ -10,10 +10,10 @@ import av
 import numpy as np
 import pytest
 
+from lora_moe_core.data.synth import generate_dataset, make_caption
+from lora_moe_core.data.vocabulary import Vocabulary
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
-from lora_moe_core.synth import generate_dataset, make_caption
-from lora_moe_core.vocabulary import Vocabulary
 
 W, H, T, FPS, N = 96, 64, 9, 16, 6
 FIELDS = {"video_path", "caption", "roi", "instruments", "width", "height", "num_frames", "fps"}

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.mlflow_runs import finish_run, register_model, start_parent_run
-from lora_moe_core.tracking import (
+from lora_moe_core.tracking.runs import finish_run, register_model, start_parent_run
+from lora_moe_core.tracking.tracker import (
     FALLBACK_FILE,
     HTTP_ENV_DEFAULTS,
     MAX_PARAM_VALUE,
@@ -57,7 +57,7 @@ def _closed_port_uri() -> str:
 
 
 def _tracking_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "lora_moe_core.tracking" and r.levelno >= 30]
+    return [r.getMessage() for r in caplog.records if r.name == "lora_moe_core.tracking.tracker" and r.levelno >= 30]
 
 
 def _write_checkpoint(folder: Path) -> Path:

@@ -15,11 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_moe_core.cli import main
+from lora_moe_core.cli.main import main
 from lora_moe_core.config import load_config
-from lora_moe_core.lora_formats import LoRAFile, LoRAModuleWeights, read_lora, write_lora
+from lora_moe_core.formats.lora_files import LoRAFile, LoRAModuleWeights, read_lora, write_lora
+from lora_moe_core.model.wan import build_transformer
 from lora_moe_core.training.recipes import Stage2Recipe
-from lora_moe_core.wan import build_transformer
 from tests.helpers import assert_one_line_error, unlabelled_copy
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -140,8 +140,8 @@ def test_no_backward_through_blocks_without_adapters(tiny_cache, stage1):
     for dit in dits.values():
         for index, block in enumerate(dit.blocks):
             block.register_full_backward_hook(lambda *args, index=index: reached.append(index))
-    from lora_moe_core.latent_cache import read_cache
-    from lora_moe_core.training.data import collate
+    from lora_moe_core.data.latent_cache import read_cache
+    from lora_moe_core.training.batches import collate
     from lora_moe_core.training.monitor import EpochStats
 
     loss, _ = recipe.loss_step(collate(read_cache(tiny_cache)[:1]), torch.Generator().manual_seed(0), 0.0, EpochStats())

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_moe_core.buckets import bucket_size, resize_and_crop
-from lora_moe_core.errors import UserError
-from lora_moe_core.video import (
+from lora_moe_core.data.buckets import bucket_size, resize_and_crop
+from lora_moe_core.data.video import (
     VideoInfo,
     extract_clips,
     frames_to_tensor,
@@ -25,6 +24,7 @@ from lora_moe_core.video import (
     read_frames,
     resample_indices,
 )
+from lora_moe_core.errors import UserError
 
 LEVEL_STEP = 5  # grey step per frame: wide enough that x264 + YUV→RGB rounding cannot blur indices
 
@@ -292,7 +292,7 @@ def test_truncated_mid_stream_fails_by_default(videos, tmp_path):
 
 def test_truncated_mid_stream_keeps_prefix_when_enough(videos, tmp_path, caplog):
     cut = truncate(videos["noise"], tmp_path / "cut.mp4", 0.6)
-    with caplog.at_level(logging.WARNING, logger="lora_moe_core.video"):
+    with caplog.at_level(logging.WARNING, logger="lora_moe_core.data.video"):
         frames = read_frames(cut, target_fps=None, min_frames=5)
     assert 5 <= len(frames) < 48
     assert "cut.mp4" in caplog.text and "truncated" in caplog.text

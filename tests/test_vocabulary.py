@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lora_moe_core.data.vocabulary import LabelMatch, Vocabulary, instrument_logits, parse_instrument_hint
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
-from lora_moe_core.vocabulary import LabelMatch, Vocabulary, instrument_logits, parse_instrument_hint
 
 
 @pytest.fixture(scope="module")

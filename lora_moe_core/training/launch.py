@@ -31,7 +31,7 @@ def launch_training(argv: list[str], gpus: int, output_dir: Path, stage: str) ->
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "-m", "lora_moe_core"]
         code = subprocess.run([*torchrun, *argv], check=False).returncode
     else:
-        from lora_moe_core.cli import main
+        from lora_moe_core.cli.main import main
 
         code = main(argv)
     if code != 0:

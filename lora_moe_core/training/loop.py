@@ -22,11 +22,11 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lora_moe_core.config import Config, config_to_dict
+from lora_moe_core.data.latent_cache import CacheEntry
 from lora_moe_core.errors import UserError, disk_full_reason
-from lora_moe_core.latent_cache import CacheEntry
-from lora_moe_core.tracking import Tracker
+from lora_moe_core.tracking.tracker import Tracker
 from lora_moe_core.training import state as run_state
-from lora_moe_core.training.data import Batch, collate, epoch_batches, step_generator
+from lora_moe_core.training.batches import Batch, collate, epoch_batches, step_generator
 from lora_moe_core.training.monitor import EarlyStopping, EpochStats
 from lora_moe_core.training.plots import plot_history
 

@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_moe_core.checkpoint import load_network, network_state, save_checkpoint
+from lora_moe_core.adapters.checkpoint import load_network, network_state, save_checkpoint
+from lora_moe_core.adapters.network import LoRANetwork, build_network, module_key
+from lora_moe_core.adapters.routing import teacher_distribution
 from lora_moe_core.config import Config
 from lora_moe_core.errors import UserError
-from lora_moe_core.lora_formats import LoRAFile, read_lora, write_lora
-from lora_moe_core.network import LoRANetwork, build_network, module_key
-from lora_moe_core.routing import teacher_distribution
+from lora_moe_core.formats.lora_files import LoRAFile, read_lora, write_lora
+from lora_moe_core.model.wan import get_task, linear_shapes, resolve_targets
 from lora_moe_core.training import flow_matching as fm
 from lora_moe_core.training import losses
-from lora_moe_core.training.data import Batch
+from lora_moe_core.training.batches import Batch
 from lora_moe_core.training.monitor import EpochStats
-from lora_moe_core.wan import get_task, linear_shapes, resolve_targets
 
 
 class _FlowMatchingStep:

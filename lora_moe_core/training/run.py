@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from lora_moe_core.config import Config, TrainingConfig
+from lora_moe_core.data.latent_cache import CacheEntry, read_cache
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
-from lora_moe_core.latent_cache import CacheEntry, read_cache
-from lora_moe_core.memory import DiTPlacement
+from lora_moe_core.model.memory import DiTPlacement
 from lora_moe_core.training import state as run_state
 from lora_moe_core.training.loop import TrainingLoop
 from lora_moe_core.training.recipes import Stage1Recipe, Stage2Recipe
@@ -51,8 +51,8 @@ def run_training(config: Config) -> Path:
     """Train one stage as configured; returns the final checkpoint path."""
     from accelerate import Accelerator
 
-    from lora_moe_core.models import load_dits
-    from lora_moe_core.tracking import NullTracker, start_tracker
+    from lora_moe_core.model.loading import load_dits
+    from lora_moe_core.tracking.tracker import NullTracker, start_tracker
 
     training = config.training
     if not training.cache:
@@ -107,7 +107,7 @@ def _recipe(config: Config, dits, device: torch.device, entries: list[CacheEntry
         return Stage1Recipe(config, dits, device)
     classifier = None
     if config.loss.classifier_weights:
-        from lora_moe_core.classifier import load_classifier
+        from lora_moe_core.model.classifier import load_classifier
 
         classifier = load_classifier(config.loss.classifier_weights)
     return Stage2Recipe(config, dits, device, classifier=classifier, family_prior=family_prior(entries))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.safetensors_io import read_safetensors, write_safetensors
+from lora_moe_core.formats.safetensors_io import read_safetensors, write_safetensors
 
 STATE_FILE = re.compile(r"^training_state_step_(\d+)\.json$")
 # Temporary names of the files a save writes: our atomic writers' ".<target>.<random>.tmp", and ".tmpXXXXXX" where

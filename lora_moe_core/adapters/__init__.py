@@ -1,0 +1,1 @@
+"""Adapters: LoRA and fused LoRA-MoE layers, routing, the adapter networks, checkpoint and export."""

@@ -1,0 +1,99 @@
+"""Export a LoRA-MoE under one fixed routing as standard LoRA files (ComfyUI, diffusers, musubi).
+
+For a fixed route the mixture is linear in its branches, so stacking them (peft's ``cat`` merge) is exact:
+``down = [A_0; A_e…]``, ``up = [α_base·s_0·B_0 | g_e·τ_e·α_e·s_e·B_e …]`` with alpha = rank (scale 1). Experts
+whose gate is zero are dropped, so the rank is the sum of the active branches' ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_moe_core.adapters.moe import LoRAMoELinear
+from lora_moe_core.adapters.network import LoRAMoENetwork, module_key
+from lora_moe_core.data.vocabulary import instrument_logits
+from lora_moe_core.families import FAMILIES
+from lora_moe_core.formats.lora_files import LoRAFile, LoRAModuleWeights, write_lora
+
+
+def fixed_route_modules(network: LoRAMoENetwork, expert_scale: torch.Tensor) -> dict[str, LoRAModuleWeights]:
+    """The cat-merged LoRA of every adapted module for one ``[E]`` expert scale."""
+    modules: dict[str, LoRAModuleWeights] = {}
+    for name in network.module_names():
+        key = module_key(name)
+        base = network.base_loras[key] if key in network.base_loras else None
+        experts = network.experts[key] if key in network.experts else None
+        reference = base if base is not None else experts
+        in_features, out_features = reference.lora_A.shape[-1], reference.lora_B.shape[-2]
+        # a meta-device linear: only the adapter arithmetic of LoRAMoELinear is used, no base weight
+        layer = LoRAMoELinear(nn.Linear(in_features, out_features, bias=False, device="meta"), network.route,
+                              base_lora=base, experts=experts)  # fmt: skip
+        scale = expert_scale.reshape(1, -1) if experts is not None else None
+        multipliers = layer.rank_multipliers(scale, network.route.alpha_base)[0].detach()  # [R]
+        down, up = (weight.detach().float() for weight in layer.stacked_weights())
+        active = multipliers != 0
+        if not active.any():
+            continue
+        down, up = down[active], up[:, active] * multipliers[active]
+        modules[name] = LoRAModuleWeights(down=down, up=up, alpha=float(down.shape[0]))
+    return modules
+
+
+def regime_names(num_buckets: int, boundaries: list[float]) -> list[str]:
+    """File suffix per timestep bucket: Wan2.2's ``low_noise``/``high_noise`` for two buckets."""
+    if num_buckets == 2:
+        return ["low_noise", "high_noise"]
+    edges = [0.0, *boundaries, 1000.0]
+    return [f"t{edges[i]:g}-{edges[i + 1]:g}" for i in range(num_buckets)]
+
+
+@torch.no_grad()
+def export_instrument_lora(
+    network: LoRAMoENetwork,
+    families: list[str],
+    output_dir: str | Path,
+    to: str = "comfy",
+    alpha_base: float | None = None,
+    alpha_expert: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[list[Path], torch.Tensor]:
+    """Write the per-instrument LoRA(s) of a hint; one file per noise regime when the timestep gates differ.
+
+    Args:
+        network: the trained LoRA-MoE.
+        families: the hinted families (e.g. ``["Hook"]``).
+        output_dir: folder for the files.
+        to: ``comfy``, ``diffusers`` or ``musubi`` keys.
+        alpha_base: base-branch multiplier (default: the network's).
+        alpha_expert: expert multiplier (default: the network's).
+        dtype: stored dtype.
+
+    Returns:
+        The written paths and the router gates ``[E]`` used.
+    """
+    if alpha_base is not None:
+        network.route.alpha_base = alpha_base
+    if alpha_expert is not None:
+        network.alpha_expert = alpha_expert
+    confidence = network.config.router.hint_confidence
+    logits = instrument_logits(families, confidence) if families else None
+    gates = network.set_routing(logits)[0].detach()
+    scales = [network.fixed_expert_scale(gates, bucket) for bucket in range(network.timestep_gates.num_buckets)]
+    stem = "+".join(families) if families else "uniform"
+    if all(torch.equal(scales[0], scale) for scale in scales):
+        plan = {stem: scales[0]}
+    else:
+        names = regime_names(len(scales), network.config.gates.timestep_boundaries)
+        plan = {f"{stem}_{name}": scale for name, scale in zip(names, scales, strict=True)}
+    gate_text = ",".join(f"{family}={gate:.4f}" for family, gate in zip(FAMILIES, gates.tolist(), strict=True))
+    metadata = {"lora_moe.route": ",".join(families) or "uniform", "lora_moe.gates": gate_text}
+    paths = []
+    for file_stem, scale in plan.items():
+        lora = LoRAFile(modules=fixed_route_modules(network, scale), format=to, dtype=dtype, metadata={})
+        path = Path(output_dir) / f"{file_stem}.safetensors"
+        write_lora(lora, path, to=to, dtype=dtype, metadata=metadata)
+        paths.append(path)
+    return paths, gates

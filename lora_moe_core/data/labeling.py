@@ -1,0 +1,80 @@
+"""Caption keyword labelling: one labels.jsonl line per dataset clip, in order, from captions only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lora_moe_core.data.dataset import Dataset, decode_utf8, jsonl_records
+from lora_moe_core.data.vocabulary import Vocabulary
+from lora_moe_core.errors import UserError
+from lora_moe_core.families import FAMILIES
+from lora_moe_core.storage.store import Storage
+
+
+@dataclass
+class LabelSummary:
+    """Coverage of a labelling run."""
+
+    total: int
+    per_family: dict[str, int]
+    unlabelled: int
+
+    def lines(self) -> list[str]:
+        width = max(len(name) for name in FAMILIES)
+        rows = [f"{name:<{width}}  {count:5d}  {100 * count / max(self.total, 1):5.1f}%"
+                for name, count in self.per_family.items()]  # fmt: skip
+        return [f"labelled {self.total - self.unlabelled}/{self.total} captions", *rows,
+                f"{'none':<{width}}  {self.unlabelled:5d}  (no instrument named: uniform probs)"]  # fmt: skip
+
+
+def label_records(dataset: Dataset, vocabulary: Vocabulary) -> tuple[list[dict[str, Any]], LabelSummary]:
+    """The manifest's fields plus ``families``, ``probs`` and ``matched`` for every clip, in order."""
+    records, per_family, unlabelled = [], dict.fromkeys(FAMILIES, 0), 0
+    for clip in dataset.clips:
+        match = vocabulary.match(clip.caption)
+        records.append({**clip.fields, "families": match.families, "probs": match.probs, "matched": match.matched})
+        for family in match.families:
+            per_family[family] += 1
+        unlabelled += not match.families
+    return records, LabelSummary(len(records), per_family, unlabelled)
+
+
+def write_labels(records: list[dict[str, Any]], uri: str, storage: Storage | None = None) -> None:
+    """Write labels.jsonl (UTF-8, one object per line), atomically, locally or to s3://."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    (storage or Storage()).write_bytes(uri, text.encode("utf-8"))
+
+
+def read_labels(uri: str, storage: Storage | None = None) -> list[dict[str, Any]]:
+    """Read labels.jsonl back, checking what caching uses: one object a line, known ``families``, 4 ``probs``.
+
+    Raises:
+        UserError: one line naming the file and line (or byte offset, for text that is not UTF-8).
+    """
+    text = decode_utf8((storage or Storage()).read_bytes(uri), f"labels file {uri}")
+    records = []
+    for number, record in jsonl_records(text, uri):
+        problem = _label_problem(record)
+        if problem:
+            raise UserError(f"{uri}:{number}: {problem} (write it with `lora-moe label`)")
+        records.append(record)
+    return records
+
+
+def _label_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"each line must be a JSON object, got {type(record).__name__}"
+    families = record.get("families", [])
+    if not isinstance(families, list) or any(name not in FAMILIES for name in families):
+        return f"'families' must be a list of {', '.join(FAMILIES)}, got {families!r}"
+    probs = record.get("probs")
+    if probs is not None and not (isinstance(probs, list) and len(probs) == len(FAMILIES)
+                                  and all(_is_probability(p) for p in probs)):  # fmt: skip
+        return f"'probs' must be {len(FAMILIES)} numbers in [0, 1], got {probs!r}"
+    return None
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1

@@ -1,0 +1,1 @@
+"""Step 5, evaluation: held-out metrics, routing quality, plots and report.html."""

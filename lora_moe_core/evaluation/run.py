@@ -1,0 +1,178 @@
+"""`lora-moe evaluate`: held-out losses for base / Stage 1 / Stage 2, routing, samples, plots, report, MLflow.
+
+``metrics.json`` is flat (``{"key": number}``); every key is documented in :data:`report.LEGEND`. The routing
+confusion matrix is flattened to ``routing.confusion.<caption family>.<top expert>`` counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lora_moe_core.adapters.checkpoint import load_network
+from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork
+from lora_moe_core.data.latent_cache import CacheEntry, read_cache
+from lora_moe_core.errors import UserError
+from lora_moe_core.evaluation import metrics as evaluation
+from lora_moe_core.evaluation import report
+from lora_moe_core.families import FAMILIES
+from lora_moe_core.formats.lora_files import read_lora
+from lora_moe_core.model.wan import get_task, linear_shapes
+
+SAMPLE_PROMPTS = {"Scissors": "腹腔镜下剪刀剪开组织", "Hook": "电凝钩切割组织", "Suction": "吸引器吸除积血",
+                  "Other": "抓钳提起胆囊"}  # fmt: skip
+
+
+@dataclass
+class EvaluationSettings:
+    task: str
+    lora_moe_weights: str
+    base_lora_weights: str | None
+    cache: str
+    output_dir: str
+    model: str | None = None
+    classifier_weights: str | None = None
+    samples_per_family: int = 1
+    sample_steps: int = 8
+    sample_size: tuple[int, int, int] = (64, 64, 17)  # width, height, frames
+    seed: int = 0
+
+
+def _check_labels(entries: list[CacheEntry], cache: str) -> None:
+    if not any(e.labelled for e in entries):
+        raise UserError(f"held-out cache {cache} has no instrument labels: label the captions before caching "
+                        "(`lora-moe label`), evaluation reports per family")  # fmt: skip
+
+
+def _loss_metrics(settings: EvaluationSettings, entries: list[CacheEntry], network: LoRAMoENetwork,
+                  dits: dict, metrics: dict) -> None:  # fmt: skip
+    boundary = get_task(settings.task).boundary_ratio
+    shapes = linear_shapes(dits["high"])
+    unique = list({id(d): d for d in dits.values()}.values())
+    results = {"base": evaluation.held_out_losses(entries, dits, boundary, seed=settings.seed)}
+    if settings.base_lora_weights:
+        stage1 = LoRANetwork.from_modules(read_lora(settings.base_lora_weights).modules, shapes)
+        for dit in unique:
+            stage1.apply_to(dit)
+        results["stage1"] = evaluation.held_out_losses(entries, dits, boundary, seed=settings.seed)
+        for dit in unique:
+            LoRANetwork.remove_from(dit)
+    for dit in unique:
+        network.apply_to(dit)
+    confidence = network.config.router.hint_confidence
+    results["stage2"] = evaluation.held_out_losses(
+        entries,
+        dits,
+        boundary,
+        prepare=lambda batch: network.set_routing(batch.labels * confidence),
+        seed=settings.seed,
+    )
+    for dit in unique:
+        network.remove_from(dit)
+    for model, (diffusion, roi) in results.items():
+        for group, value in diffusion.items():
+            metrics[f"val_loss.{group}.{model}"] = value
+        if model != "base":
+            for group, value in roi.items():
+                metrics[f"roi_loss.{group}.{model}"] = value
+
+
+def _routing(network: LoRAMoENetwork, entries: list[CacheEntry], classifier, metrics: dict) -> dict:
+    routing = evaluation.routing_metrics(network, entries, classifier)
+    confusion, gate_means = routing.pop("routing.confusion"), routing.pop("routing.gate_means")
+    metrics.update(routing)
+    for row, family in enumerate(FAMILIES):
+        for column, expert in enumerate(FAMILIES):
+            metrics[f"routing.confusion.{family}.{expert}"] = confusion[row][column]
+    return {"confusion": confusion, "gate_means": gate_means}
+
+
+def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier, out: Path, metrics: dict):
+    """Generate clips per family; presence accuracy, flicker and a Fréchet distance on classifier features."""
+    from lora_moe_core.data.mp4 import write_mp4
+    from lora_moe_core.data.video import frames_to_tensor
+    from lora_moe_core.inference.generate import InferenceSession
+    from lora_moe_core.model.loading import encode_video
+
+    session = InferenceSession(task=settings.task, model=settings.model, lora_moe_weights=settings.lora_moe_weights,
+                               alpha_base=0.7, alpha_expert=1.0)  # fmt: skip
+    width, height, frames = settings.sample_size
+    videos, flicker, hits, features = [], [], [], []
+    for family in FAMILIES:
+        for index in range(settings.samples_per_family):
+            route = session.route(SAMPLE_PROMPTS[family], instrument_hint=family)
+            clip = session.generate(SAMPLE_PROMPTS[family], route, seed=settings.seed + index,
+                                    num_inference_steps=settings.sample_steps, height=height, width=width,
+                                    num_frames=frames)  # fmt: skip
+            path = out / "samples" / f"{family}_{index}.mp4"
+            write_mp4(clip, path)
+            videos.append(path)
+            flicker.append(evaluation.temporal_flicker(clip))
+            if classifier is not None:
+                vae = session.pipeline.vae
+                latents = encode_video(vae, frames_to_tensor(clip)[None].to(vae.device, vae.dtype)).float().cpu()
+                with torch.no_grad():
+                    hits.append(bool(classifier(latents)[0].argmax() == FAMILIES.index(family)))
+                    features.append(classifier.features(latents)[0].numpy())
+    metrics["samples.flicker"] = float(np.mean(flicker))
+    if classifier is not None:
+        metrics["samples.presence_accuracy"] = float(np.mean(hits))
+        with torch.no_grad():
+            real = np.stack([classifier.features(e.latents[None])[0].numpy() for e in entries])
+        metrics["samples.frechet_classifier"] = evaluation.frechet_distance(np.stack(features), real)
+    return videos
+
+
+def run_evaluation(settings: EvaluationSettings) -> dict[str, float]:
+    """Evaluate and write ``metrics.json``, the plots and ``report.html`` into ``output_dir``."""
+    from lora_moe_core.model.loading import load_dits
+
+    entries = read_cache(settings.cache)
+    _check_labels(entries, settings.cache)
+    out = Path(settings.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write the evaluation to {out}: {exc.strerror}") from None
+    dits = load_dits(settings.task, settings.model)
+    network = load_network(settings.lora_moe_weights, linear_shapes(dits["high"]))
+    classifier = None
+    if settings.classifier_weights:
+        from lora_moe_core.model.classifier import load_classifier
+
+        classifier = load_classifier(settings.classifier_weights)
+    metrics: dict[str, float] = {}
+    _loss_metrics(settings, entries, network, dits, metrics)
+    routing = _routing(network, entries, classifier, metrics)
+    videos = _samples(settings, entries, classifier, out, metrics) if settings.samples_per_family else []
+    gates = network.timestep_gates
+    plots = [report.plot_losses(metrics, out / "loss_by_family.png"),
+             report.plot_confusion(routing["confusion"], out / "routing_confusion.png"),
+             report.plot_gates(routing["gate_means"], out / "gates_per_family.png"),
+             report.plot_gate_vs_timestep(gates.bucket_gates().tolist(), gates.boundaries.tolist(),
+                                          out / "gate_vs_timestep.png")]  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    report.write_report(metrics, plots, videos, out / "report.html")
+    _track(settings, metrics, out)
+    return metrics
+
+
+def _track(settings: EvaluationSettings, metrics: dict, out: Path) -> None:
+    """Log the metrics and every file of the report to MLflow (a child of the pipeline run when there is one)."""
+    import os
+
+    from lora_moe_core.tracking.tracker import start_tracker
+
+    tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
+                            parent_run_id=os.environ.get("MLFLOW_PARENT_RUN_ID") or None)  # fmt: skip
+    tracker.log_params({"evaluate": {k: str(v) for k, v in settings.__dict__.items()}})
+    tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
+    for name in ("metrics.json", "report.html"):
+        tracker.log_artifact(out / name, "evaluation")
+    for path in [*out.glob("*.png"), *(out / "samples").glob("*.mp4")]:
+        tracker.log_artifact(path, "evaluation" if path.suffix == ".png" else "evaluation/samples")
+    tracker.close("FINISHED")

@@ -1,0 +1,1 @@
+"""Step 6, inference: prompts and text-to-video generation with a LoRA-MoE."""

@@ -1,0 +1,113 @@
+"""The videos one ``lora-moe infer`` command asks for: ``--prompt`` or a prompts file, checked up front.
+
+Everything here runs before a model is loaded, so a typo in the 40th line of a prompts file fails in a second,
+not after 28B parameters were read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lora_moe_core.errors import UserError
+
+#: Wan's own default negative prompt (Wan2.2 ``shared_config.py``); pass "" for none.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def negative_or_default(negative_prompt: str | None) -> str:
+    """``None`` means Wan's own negative prompt; ``""`` means none."""
+    return WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+
+
+@dataclass
+class Job:
+    """One video to generate."""
+
+    prompt: str
+    output_path: Path
+    instrument_hint: str | None = None
+    seed: int = 0
+    negative_prompt: str | None = WAN_NEGATIVE_PROMPT
+    reference_video: str | None = None
+
+
+_JSONL_KEYS = {"prompt": str, "instrument_hint": str, "seed": int, "output_path": str, "negative_prompt": str,
+               "reference_video": str}  # fmt: skip
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe form of a prompt (keeps CJK, which is a word character)."""
+    return re.sub(r"[^\w]+", "-", text.casefold()).strip("-_")[:limit].strip("-_") or "prompt"
+
+
+def read_prompts_file(path: str | Path, output_dir: str | Path, template: Job) -> list[Job]:
+    """Jobs of a ``.txt`` (a prompt a line; blank and ``#`` lines skipped) or ``.jsonl`` file (keys: see
+    ``_JSONL_KEYS``; ``output_path`` relative to ``output_dir``; missing keys come from ``template``, the flags).
+    Videos default to ``<output_dir>/<index>_<slug>.mp4``."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
+            continue
+        entries.append(_jsonl_entry(path, number, line) if path.suffix == ".jsonl" else {"prompt": line.strip()})
+    if not entries:
+        raise UserError(f"prompts file {path} has no prompts")
+    jobs = []
+    for index, entry in enumerate(entries):
+        output = Path(output_dir) / entry.pop("output_path", f"{index:03d}_{slug(entry['prompt'])}.mp4")
+        jobs.append(replace(template, output_path=output, **entry))
+    return jobs
+
+
+def _jsonl_entry(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+        raise UserError(f'{path}:{number}: each line must be an object with a non-empty "prompt"')
+    for key, value in entry.items():
+        kind = _JSONL_KEYS.get(key)
+        if kind is None:
+            raise UserError(f'{path}:{number}: unknown key "{key}"; valid: {", ".join(_JSONL_KEYS)}')
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f'{path}:{number}: "{key}" must be a {kind.__name__}, got {value!r}')
+    return entry
+
+
+def plan_jobs(args: Any) -> list[Job]:
+    """The videos a ``lora-moe infer`` command line asks for, checked before any model is loaded."""
+    from lora_moe_core.data.dataset import check_caption
+    from lora_moe_core.data.mp4 import check_writable
+    from lora_moe_core.data.vocabulary import parse_instrument_hint
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise UserError("give exactly one of --prompt and --prompts_file")
+    template = Job(args.prompt or "", Path(args.output_path), args.instrument_hint, args.seed,
+                   negative_or_default(args.negative_prompt), args.reference_video)  # fmt: skip
+    jobs = [template] if args.prompts_file is None else read_prompts_file(args.prompts_file, args.output_dir, template)
+    outputs = [job.output_path.resolve() for job in jobs]
+    if len(set(outputs)) != len(outputs):
+        raise UserError(f"two prompts write the same video {next(o for o in outputs if outputs.count(o) > 1)}")
+    where = args.prompts_file or "--prompt"
+    for job in jobs:
+        check_caption(job.prompt, where)  # the captions' limits: no control codes, at most MAX_CAPTION_CHARS
+        if job.instrument_hint is not None:
+            parse_instrument_hint(job.instrument_hint)  # a typo fails now, not after loading 28B parameters
+        if job.reference_video is not None and not Path(job.reference_video).is_file():
+            raise UserError(f"reference video {job.reference_video} does not exist")
+        check_writable(job.output_path)
+        check_writable(job.output_path.with_suffix(".gates.json"))
+    return jobs

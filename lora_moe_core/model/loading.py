@@ -1,0 +1,234 @@
+"""The WAN2.2 components around the DiT: VAE, UMT5 text encoder, tokenizer, scheduler, whole pipelines.
+
+Real weights load from a diffusers-layout folder (``Wan-AI/Wan2.2-T2V-A14B-Diffusers`` as downloaded, local or
+``s3://``). ``tiny`` builds every part small and random from a fixed seed; :func:`save_tiny_model` writes it in
+the same diffusers layout, so the loading path that reads real weights is tested on a tiny saved folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_moe_core.errors import UserError
+from lora_moe_core.model.wan import build_transformer, get_task
+
+# base_dim 8: narrower random VAEs lose most of what tells the instruments apart (a linear probe on base_dim 3
+# latents is at chance on synthetic clips); wider ones make CPU conv3d the cost of caching and inference.
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+TINY_TEXT_ENCODER = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8)
+MAX_SEQUENCE_LENGTH = 512  # UMT5 context Wan was trained with; prompts are zero-padded to it
+
+
+@dataclass
+class Encoders:
+    """What latent caching needs: the VAE and the text side."""
+
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+
+
+# Characters of surgical captions beyond the instrument terms, so tiny prompts rarely hit <unk>.
+_COMMON_CHARACTERS = (
+    "的在了是用和与及中下上左右前后进行将对把从被内外处部位区域侧面三角胆囊管动脉静脉肝脏组织分离切割切除出血"
+    "止血视野清晰缓慢快速移动夹持牵拉提起暴露显露创面积液体血烟雾尖端头手术医生腹腔镜画面一二两个只根正这"
+)
+
+
+def build_tiny_tokenizer() -> Any:
+    """An offline T5-style Unigram tokenizer for ``tiny`` (no UMT5 vocabulary can be downloaded here).
+
+    The vocabulary is constructed, not trained (the Unigram trainer orders pieces differently run to run):
+    the built-in instrument terms and common English words as whole pieces, every character they use plus
+    common caption characters and ASCII as fallbacks. Same ids on every machine.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    from lora_moe_core.data.vocabulary import BUILTIN_TERMS
+
+    words = sorted({word.lower() for terms in BUILTIN_TERMS.values() for term in terms for word in term.split()})
+    words += ["the", "a", "with", "and", "of", "tissue", "view", "laparoscopic", "surgery", "while"]
+    characters = sorted({char for text in [*words, _COMMON_CHARACTERS] for char in text} | set(string.printable[:94]))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(char, -8.0) for char in characters]
+    pieces += [(f"▁{word}", -1.0) for word in dict.fromkeys(words)] + [(word, -1.5) for word in dict.fromkeys(words)]
+    tokenizer = Tokenizer(models.Unigram(list(dict(pieces).items()), unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def build_tiny_encoders(seed: int = 0) -> Encoders:
+    """Random tiny VAE and UMT5 encoder matching the tiny DiT (text width 16).
+
+    Memoised: the result is deterministic and used read-only (eval, no grad), and building it includes a
+    calibration pass that would otherwise repeat in every command of one process (tests, the local pipeline).
+    """
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(**TINY_VAE).eval()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_TEXT_ENCODER))
+    _calibrate_latent_stats(vae)
+    return Encoders(vae, text_encoder.eval(), tokenizer)
+
+
+@torch.no_grad()
+def _calibrate_latent_stats(vae: nn.Module) -> None:
+    """Set ``latents_mean``/``latents_std`` to this random VAE's own per-channel statistics.
+
+    The real Wan VAE ships statistics that make its latents roughly unit-variance; a random VAE with Wan's
+    numbers would give latents of std ~0.02 around fixed offsets, and flow matching against unit noise would
+    then learn almost nothing. Measured on procedural clips from a fixed seed, so it is deterministic.
+    """
+    import numpy as np
+
+    from lora_moe_core.data.synth import render_clip
+    from lora_moe_core.data.video import frames_to_tensor
+    from lora_moe_core.families import FAMILIES
+
+    rng = np.random.default_rng(1234)
+    clips = torch.stack([frames_to_tensor(render_clip(rng, [family], 64, 48, 9, 16)[0]) for family in FAMILIES])
+    moments = vae.encode(clips).latent_dist.mode()  # [4, 16, 3, 6, 8]
+    vae.register_to_config(latents_mean=moments.mean(dim=(0, 2, 3, 4)).tolist(),
+                           latents_std=moments.std(dim=(0, 2, 3, 4)).tolist())  # fmt: skip
+
+
+def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write a complete tiny Wan2.2-A14B-shaped pipeline (two DiTs, boundary 0.875) in diffusers layout."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    encoders = build_tiny_encoders(seed)
+    task = get_task("tiny")
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=task.flow_shift)  # fmt: skip
+    pipeline = WanPipeline(
+        tokenizer=encoders.tokenizer, text_encoder=encoders.text_encoder, vae=encoders.vae, scheduler=scheduler,
+        transformer=build_transformer("tiny", seed=seed), transformer_2=build_transformer("tiny", seed=seed + 1),
+        boundary_ratio=task.boundary_ratio,
+    )  # fmt: skip
+    pipeline.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def resolve_model_folder(model: str) -> Path:
+    """A local folder for ``model``; an ``s3://`` folder is mirrored once into ``$LORA_MOE_CACHE`` (default
+    ``~/.cache/lora_moe``) and reused while unchanged."""
+    from lora_moe_core.storage.store import Storage, is_s3, parse_s3
+
+    if is_s3(model):
+        bucket, key = parse_s3(model.rstrip("/"))
+        local = Path(os.environ.get("LORA_MOE_CACHE", Path.home() / ".cache" / "lora_moe")) / "models" / bucket / key
+        Storage().sync_dir_from(model, local)
+        folder = local
+    else:
+        folder = Path(model)
+    if not (folder / "model_index.json").is_file() and not (folder / "vae").is_dir():
+        raise UserError(f"model folder {model} is not a diffusers-layout Wan2.2 folder (no model_index.json)")
+    return folder
+
+
+def load_encoders(task: str, model: str | None = None, dtype: torch.dtype = torch.float32) -> Encoders:
+    """VAE, text encoder and tokenizer for ``task``: from ``model`` when given, else tiny random (tiny only)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    get_task(task)
+    if model is None:
+        if task != "tiny":
+            raise UserError(f"--model is required for {task}: a diffusers-layout Wan2.2 folder (local or s3://)")
+        return build_tiny_encoders()
+    folder = resolve_model_folder(model)
+    try:
+        vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True)
+        text_encoder = UMT5EncoderModel.from_pretrained(
+            folder / "text_encoder", torch_dtype=dtype, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the VAE/text encoder from {folder}: {str(exc).splitlines()[0]}") from None
+    return Encoders(vae.eval(), text_encoder.eval(), tokenizer)
+
+
+@torch.no_grad()
+def encode_prompts(encoders: Encoders, prompts: list[str], device: str = "cpu") -> list[torch.Tensor]:
+    """UMT5 embeddings per prompt, cut to the real token count: ``[L_i, D]`` (musubi's ``varlen_t5``)."""
+    tokens = encoders.tokenizer(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+    mask = tokens.attention_mask.to(device)
+    hidden = encoders.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state  # [B, 512, D]
+    return [hidden[i, : int(mask[i].sum())].float().cpu() for i in range(len(prompts))]
+
+
+def pad_prompt_embeds(embeds: list[torch.Tensor], length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+    """Zero-pad varlen embeddings to ``[B, length, D]``, as WanPipeline feeds the DiT."""
+    width = embeds[0].shape[-1]
+    padded = torch.zeros(len(embeds), length, width, dtype=embeds[0].dtype)
+    for index, embed in enumerate(embeds):
+        padded[index, : min(length, embed.shape[0])] = embed[:length]
+    return padded
+
+
+@torch.no_grad()
+def encode_video(vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, T, H, W]`` in [-1, 1] → normalised latents ``[B, 16, 1+(T-1)/4, H/8, W/8]``.
+
+    Uses the posterior mean, normalised with the VAE's ``latents_mean``/``latents_std``: musubi's cache
+    convention, so a user's musubi cache and ours are interchangeable.
+    """
+    mean, std = latent_stats(vae, video.device)
+    moments = vae.encode(video.to(next(vae.parameters()).dtype)).latent_dist.mode().float()
+    return (moments - mean) / std
+
+
+def latent_stats(vae: nn.Module, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latents_mean``/``latents_std`` shaped ``[1, C, 1, 1, 1]``."""
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+def load_dits(task: str, model: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """The DiT(s): ``{"high": transformer, "low": transformer_2}`` for Wan2.2-A14B (frozen, eval).
+
+    ``tiny`` without ``model`` builds the same random pair :func:`save_tiny_model` writes.
+    """
+    from diffusers import WanTransformer3DModel
+
+    if model is None:
+        if task != "tiny":
+            raise UserError(f"--model is required for {task}: a diffusers-layout Wan2.2 folder (local or s3://)")
+        dits = {"high": build_transformer("tiny", seed=0, dtype=dtype),
+                "low": build_transformer("tiny", seed=1, dtype=dtype)}  # fmt: skip
+    else:
+        folder = resolve_model_folder(model)
+        try:
+            dits = {
+                "high": WanTransformer3DModel.from_pretrained(
+                    folder / "transformer", torch_dtype=dtype, use_safetensors=True
+                )
+            }
+            if (folder / "transformer_2").is_dir():
+                dits["low"] = WanTransformer3DModel.from_pretrained(
+                    folder / "transformer_2", torch_dtype=dtype, use_safetensors=True
+                )
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load the DiT from {folder}: {str(exc).splitlines()[0]}") from None
+    for dit in dits.values():
+        dit.eval().requires_grad_(False)
+    dits.setdefault("low", dits["high"])  # a single-DiT model serves both noise regimes
+    return dits

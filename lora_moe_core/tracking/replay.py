@@ -1,0 +1,123 @@
+"""Send what a tracker could not: replay a ``tracking_fallback.jsonl`` to MLflow (``lora-moe sync-tracking``).
+
+While MLflow is unreachable, :class:`tracking.MLflowTracker` appends every call to the fallback file. Calls the
+tracker later replayed itself are followed by a ``replayed`` line; the rest never reached the server (the run
+ended, or was killed, during the outage). This module sends those, per tracker, in their original order: to the
+run they were logged for, or to a new run made from the tracker's header line (experiment, name, tags) when
+the server was down from the start. It then appends a ``replayed`` line, so a second replay sends nothing.
+Metrics keep their original step and timestamp (MLflow drops exact duplicates), so a call that did reach the
+server just before an outage and is sent again does not show twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_moe_core.errors import UserError
+from lora_moe_core.redaction import redact_url
+from lora_moe_core.tracking.tracker import _REJECTED_CODES, MLflowTracker, _Rejected, _set_http_defaults, _short
+
+log = logging.getLogger(__name__)
+SENDABLE = frozenset({"params", "metrics", "tags", "artifact", "close"})
+
+
+@dataclass
+class ReplayedRun:
+    """What one tracker's unsent calls became."""
+
+    run_id: str
+    tracking_uri: str
+    calls: int = 0  # calls accepted by the server
+    metric_steps: list[int] = field(default_factory=list)
+    refused: int = 0  # calls the server answered with a refusal (logged, not retried)
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read tracking fallback file {path}: {exc.strerror or exc}") from None
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError:  # the last line of a process killed mid-write
+            log.warning("tracking: %s line %d is not JSON (cut short?); skipped", path, number)
+            continue
+        if isinstance(line, dict) and line.get("tracker"):
+            lines.append(line)
+    return lines
+
+
+def _unsent(lines: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None, list[dict[str, Any]]]:
+    """A tracker's header, its latest known run id, and its calls after the last ``replayed`` line."""
+    header = next((line for line in lines if line["kind"] == "run"), {})
+    run_id = next((line["run_id"] for line in reversed(lines) if line.get("run_id")), None)
+    done = max((line["upto"] for line in lines if line["kind"] == "replayed"), default=0)
+    calls = [line for line in lines if line["kind"] in SENDABLE and "refused" not in line and line["seq"] > done]
+    return header, run_id, sorted(calls, key=lambda line: line["seq"])
+
+
+def replay_fallback(path: str | Path, tracking_uri: str | None = None) -> list[ReplayedRun]:
+    """Send the unsent calls of a fallback file; returns one report per run that received calls.
+
+    Args:
+        path: the ``tracking_fallback.jsonl`` a run left.
+        tracking_uri: where to send (default: the URI each tracker was logging to).
+
+    Raises:
+        UserError: the file cannot be read, or the server is still unreachable (what was sent is recorded).
+    """
+    path = Path(path)
+    by_tracker: dict[str, list[dict[str, Any]]] = {}
+    for line in _read_lines(path):
+        by_tracker.setdefault(line["tracker"], []).append(line)
+    _set_http_defaults()
+    reports = []
+    for tracker_id, lines in by_tracker.items():
+        header, run_id, calls = _unsent(lines)
+        if calls:
+            reports.append(_replay_tracker(path, tracker_id, header, run_id, calls, tracking_uri))
+    return reports
+
+
+def _replay_tracker(path: Path, tracker_id: str, header: dict[str, Any], run_id: str | None,
+                    calls: list[dict[str, Any]], tracking_uri: str | None) -> ReplayedRun:  # fmt: skip
+    uri = tracking_uri or header.get("tracking_uri") or calls[0].get("tracking_uri")
+    if not uri:
+        raise UserError(f"{path}: no tracking URI recorded for tracker {tracker_id}; pass --tracking_uri")
+    tracker = MLflowTracker(uri, header.get("run_name") or calls[0]["run_name"], header.get("experiment", "lora-moe"),
+                            header.get("tags"), fallback_path=path, run_id=run_id)  # fmt: skip
+    tracker.tracker_id, sent = tracker_id, None
+    try:
+        tracker._ensure_run()
+        report = ReplayedRun(tracker.run_id, redact_url(uri))
+        for call in calls:
+            try:
+                tracker._send(call)
+            except Exception as exc:  # noqa: BLE001 - a refusal is skipped, anything else is an outage
+                if not (isinstance(exc, _Rejected) or getattr(exc, "error_code", None) in _REJECTED_CODES):
+                    raise
+                report.refused += 1
+                log.warning("tracking: %s (seq %d) refused: %s", call["kind"], call["seq"], _short(exc))
+            else:
+                report.calls += 1
+                report.metric_steps += [call["step"]] if call["kind"] == "metrics" else []
+            sent = call["seq"]
+    except Exception as exc:  # noqa: BLE001
+        where = redact_url(uri)
+        raise UserError(f"MLflow at {where} is unreachable or refused the run ({_short(exc)}); rerun `lora-moe "
+                        f"sync-tracking {path}` once it is back (--tracking_uri if it moved)") from None  # fmt: skip
+    finally:
+        if sent is not None:
+            _append(path, {"kind": "replayed", "tracker": tracker_id, "run_id": tracker.run_id, "upto": sent})
+    return report
+
+
+def _append(path: Path, line: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line, ensure_ascii=False) + "\n")
