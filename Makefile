@@ -29,7 +29,8 @@ demo: install ## the same steps as plain CLI commands (writes outputs/demo)
 compile: install ## compile both pipelines to build/pipelines/*.yaml
 	$(BIN)/lora-moe pipeline compile --output_dir build/pipelines
 
-test: install test-deps ## the test suite (CPU, tiny models, real S3/MLflow servers, headless Chromium)
+test: install test-deps ## layering contracts, then the test suite (CPU, tiny models, real S3/MLflow, Chromium)
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 test-deps: install ## Debian chromium for the report test (installed when missing and running as root)

@@ -23,36 +23,17 @@ def cache_latents(
     Clips already cached are skipped, so a retried (pre-empted) shard resumes. ``base_model_uri`` is the
     diffusers-layout Wan2.2 folder (empty for ``task=tiny``); ``target_frames`` 0 keeps the dataset's own.
     """
-    import os
     import tempfile
 
-    from lora_moe_core.cli.main import main
-    from lora_moe_core.tracking.tracker import start_tracker
+    from lora_moe_core.cache.build import cache_dataset
+    from lora_moe_core.cache.writer import CacheSettings
+    from lora_moe_core.tracking.context import TrackingContext
 
-    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    argv = [
-        "cache",
-        "--dataset",
-        dataset_uri,
-        "--labels",
-        labels.path,
-        "--task",
-        task,
-        "--output",
-        output_uri,
-        "--shard",
-        shard,
-    ]
-    argv += ["--model", base_model_uri] if base_model_uri else []
-    argv += ["--target_frames", str(target_frames)] if target_frames > 0 else []
-    with start_tracker(
-        f"cache {shard}",
-        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
-        tags={"stage": "cache"},
-        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
-        output_dir=tempfile.mkdtemp(prefix="cache-"),
-    ) as run:
+    context = TrackingContext.from_step(tracking, kfp_task_name)
+    index, count = (int(part) for part in shard.split("/"))
+    settings = CacheSettings(task=task, model=base_model_uri or None)
+    with context.start_run(f"cache {shard}", "cache", tempfile.mkdtemp(prefix="cache-")) as run:
         run.log_params({"dataset_uri": dataset_uri, "output_uri": output_uri, "shard": shard, "task": task})
-        code = main(argv)
-        if code != 0:
-            raise SystemExit(f"lora-moe cache failed with exit code {code} (see the error above)")
+        outcome = cache_dataset(dataset_uri, output_uri, settings, labels.path, (index, count),
+                                [target_frames] if target_frames > 0 else None)  # fmt: skip
+        print(outcome.line(dataset_uri, output_uri))

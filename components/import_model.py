@@ -7,40 +7,20 @@ from components.images import LIGHT_IMAGE
 
 
 @dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)
-def import_lora_moe(lora_moe_uri: str, lora_moe: Output[Model], tracking: dict, kfp_task_name: str):
+def import_lora_moe(lora_moe_uri: str, lora_moe: Output[Model]):
     """Copy the Stage-2 checkpoint at ``lora_moe_uri`` into the ``lora_moe`` artifact after checking it loads.
 
     ``lora_moe_uri``: a local path, ``s3://bucket/key.safetensors``, or a registered model ``models:/<name>@<alias>``
     / ``models:/<name>/<version>`` (as written by ``register_model``: its ``lora_moe_final.safetensors`` is used).
     """
-    import os
     import shutil
     import tempfile
-    from pathlib import Path
 
     from lora_moe_core.adapters.checkpoint import read_checkpoint
-    from lora_moe_core.errors import UserError
-    from lora_moe_core.storage.store import Storage, is_s3
+    from lora_moe_core.tracking.registry import fetch_checkpoint
 
-    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    scratch = Path(tempfile.mkdtemp(prefix="import-lora-moe-"))
-    if lora_moe_uri.startswith("models:/"):
-        import mlflow
-
-        from lora_moe_core.tracking.tracker import resolve_tracking_uri
-
-        mlflow.set_tracking_uri(resolve_tracking_uri())
-        mlflow.set_registry_uri(resolve_tracking_uri())
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=lora_moe_uri, dst_path=str(scratch)))
-        found = sorted(folder.rglob("lora_moe_final.safetensors")) if folder.is_dir() else [folder]
-        if not found:
-            raise UserError(f"{lora_moe_uri} holds no lora_moe_final.safetensors")
-        local = found[0]
-    elif is_s3(lora_moe_uri):
-        local = Storage().download(lora_moe_uri, scratch / "lora_moe_final.safetensors")
-    else:
-        local = Path(lora_moe_uri)
-    checkpoint = read_checkpoint(local)  # UserError (one line) when it is not a Stage-2 checkpoint
+    local = fetch_checkpoint(lora_moe_uri, tempfile.mkdtemp(prefix="import-lora-moe-"))
+    task = read_checkpoint(local).config.model.task
     shutil.copyfile(local, lora_moe.path)
-    lora_moe.metadata.update({"uri": lora_moe_uri, "task": checkpoint.config.model.task})
-    print(f"LoRA-MoE {lora_moe_uri} ({checkpoint.config.model.task})")
+    lora_moe.metadata.update({"uri": lora_moe_uri, "task": task})
+    print(f"LoRA-MoE {lora_moe_uri} ({task})")

@@ -10,31 +10,16 @@ from components.images import LIGHT_IMAGE
 def label_captions(dataset_uri: str, labels: Output[Dataset], tracking: dict, kfp_task_name: str):
     """Label every caption of ``dataset_uri`` (local or s3://); writes ``labels.jsonl`` as the ``labels`` artifact
     with per-family counts in its metadata and in the step's MLflow run."""
-    import json
-    import os
     import tempfile
 
-    from lora_moe_core.cli.main import main
-    from lora_moe_core.families import FAMILIES
-    from lora_moe_core.tracking.tracker import start_tracker
+    from lora_moe_core.data.labeling import label_dataset
+    from lora_moe_core.tracking.context import TrackingContext
 
-    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    scratch = tempfile.mkdtemp(prefix="label-")
-    with start_tracker(
-        "label",
-        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
-        tags={"stage": "label"},
-        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
-        output_dir=scratch,
-    ) as run:
-        code = main(["label", "--dataset", dataset_uri, "--output", labels.path])
-        if code != 0:
-            raise SystemExit(f"lora-moe label failed with exit code {code} (see the error above)")
-        with open(labels.path, encoding="utf-8") as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
-        counts = {f"clips.{family}": sum(family in r["families"] for r in records) for family in FAMILIES}
-        counts.update({"clips.total": len(records), "clips.unlabelled": sum(not r["families"] for r in records)})
-        labels.metadata.update({**counts, "dataset_uri": dataset_uri})
+    context = TrackingContext.from_step(tracking, kfp_task_name)
+    with context.start_run("label", "label", tempfile.mkdtemp(prefix="label-")) as run:
+        summary = label_dataset(dataset_uri, labels.path)
+        print("\n".join(summary.lines()))
+        labels.metadata.update({**summary.metrics(), "dataset_uri": dataset_uri})
         run.log_params({"dataset_uri": dataset_uri})
-        run.log_metrics(counts, step=0)
+        run.log_metrics(summary.metrics(), step=0)
         run.log_artifact(labels.path, "labels")

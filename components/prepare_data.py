@@ -26,46 +26,23 @@ def prepare_data(
     Returns the run folder ``<work_uri>/<KFP run id>``, the latent-cache URIs (``<cache_uri or run folder/cache>/
     train`` and ``/heldout``) and the number of training clips.
     """
-    import os
     import tempfile
     from collections import namedtuple
 
-    from lora_moe_core.data.dataset import load_dataset
-    from lora_moe_core.data.synth import generate_dataset
-    from lora_moe_core.errors import UserError
-    from lora_moe_core.storage.store import Storage, is_s3, join
-    from lora_moe_core.tracking.tracker import start_tracker
+    from lora_moe_core.data.prepare import DatasetRequest, prepare_datasets
+    from lora_moe_core.storage.store import join
+    from lora_moe_core.tracking.context import TrackingContext
 
-    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    storage, scratch = Storage(), tempfile.mkdtemp(prefix="prepare-data-")
-    width, height, frames = (int(value) for value in synthetic_size)
-    with start_tracker(
-        "prepare-data",
-        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
-        tags={"stage": "data"},
-        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
-        output_dir=scratch,
-    ) as run:
-        counts = {}
-        for name, uri, clips, offset in (
-            ("train", dataset_uri, synthetic_clips, 0),
-            ("heldout", eval_dataset_uri, synthetic_eval_clips, 1000),
-        ):
-            if clips > 0:
-                folder = os.path.join(scratch, name) if is_s3(uri) else uri
-                generate_dataset(folder, clips, seed=seed + offset, width=width, height=height, num_frames=frames)
-                if is_s3(uri):
-                    storage.sync_dir_to(folder, uri)
-                print(f"wrote {clips} synthetic clips to {uri}")
-            counts[name] = len(load_dataset(uri, storage).clips)
-            if counts[name] == 0:
-                raise UserError(f"{name} dataset {uri} has no clips")
-            print(f"{name} dataset {uri}: {counts[name]} clips")
+    context = TrackingContext.from_step(tracking, kfp_task_name)
+    requests = [DatasetRequest("train", dataset_uri, synthetic_clips, seed),
+                DatasetRequest("heldout", eval_dataset_uri, synthetic_eval_clips, seed + 1000)]  # fmt: skip
+    with context.start_run("prepare-data", "data", tempfile.mkdtemp(prefix="prepare-data-")) as run:
+        counts = prepare_datasets(requests, tuple(int(value) for value in synthetic_size))
         run.log_params(
             {"dataset_uri": dataset_uri, "eval_dataset_uri": eval_dataset_uri, "synthetic_clips": synthetic_clips}
         )
         run.log_metrics({"clips.train": counts["train"], "clips.heldout": counts["heldout"]}, step=0)
-    run_uri = join(work_uri, tracking.get("KFP_RUN_ID") or "run")
+    run_uri = join(work_uri, context.kfp_run_id or "run")
     cache_root = cache_uri or join(run_uri, "cache")
     layout = namedtuple("RunLayout", ["run_uri", "train_cache_uri", "eval_cache_uri", "clips"])
     return layout(run_uri, join(cache_root, "train"), join(cache_root, "heldout"), counts["train"])

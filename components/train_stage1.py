@@ -33,40 +33,21 @@ def train_stage1(
     per GPU with ``torchrun`` (as manifests/optional/pytorchjob-stage2.yaml). The trainer opens the step's MLflow
     run, a child of the pipeline's (``MLFLOW_PARENT_RUN_ID``).
     """
-    import os
     import shutil
     import tempfile
     from pathlib import Path
 
+    from lora_moe_core.config import load_config, resolve_config_path
     from lora_moe_core.storage.store import Storage, join
-    from lora_moe_core.training.launch import launch_training, resolve_config
+    from lora_moe_core.tracking.context import TrackingContext
+    from lora_moe_core.training.launch import launch_training
 
-    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    config_path = resolve_config(config)
+    context = TrackingContext.from_step(tracking, kfp_task_name)
     out = Path(tempfile.mkdtemp(prefix="stage1-")) / "vanilla_lora"
-    argv = [
-        "train",
-        "--config",
-        str(config_path),
-        "--training_stage",
-        "stage_a",
-        "--task",
-        task,
-        "--cache",
-        cache_uri,
-        "--output_dir",
-        str(out),
-        "--num_train_epochs",
-        str(num_train_epochs),
-        "--learning_rate",
-        str(learning_rate),
-        "--seed",
-        str(seed),
-        "--experiment",
-        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
-    ]
-    argv += ["--model", base_model_uri] if base_model_uri else []
-    history = launch_training(argv, gpus, out, "stage_a")
+    overrides = {"training_stage": "stage_a", "task": task, "cache": cache_uri, "output_dir": str(out),
+                 "num_train_epochs": num_train_epochs, "learning_rate": learning_rate, "seed": seed,
+                 "experiment": context.experiment, **({"model": base_model_uri} if base_model_uri else {})}  # fmt: skip
+    history = launch_training(load_config(resolve_config_path(config), overrides), gpus, context)
     shutil.copyfile(out / "lora_final.safetensors", lora.path)
     for key, value in (history[-1] if history else {}).items():
         if isinstance(value, int | float):
@@ -80,24 +61,17 @@ def train_stage1(
 @dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)
 def import_stage1(stage1_lora_uri: str, lora: Output[Model], tracking: dict, kfp_task_name: str) -> str:
     """Check the user's Stage-1 LoRA (musubi, ComfyUI or diffusers keys; local or s3://) and pass its URI on."""
-    import os
     import shutil
     import tempfile
     from pathlib import Path
 
     from lora_moe_core.formats.lora_files import read_lora
     from lora_moe_core.storage.store import Storage, is_s3
-    from lora_moe_core.tracking.tracker import start_tracker
+    from lora_moe_core.tracking.context import TrackingContext
 
-    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
+    context = TrackingContext.from_step(tracking, kfp_task_name)
     scratch = Path(tempfile.mkdtemp(prefix="import-stage1-"))
-    with start_tracker(
-        "import-stage1",
-        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
-        tags={"stage": "stage_a"},
-        parent_run_id=tracking.get("MLFLOW_PARENT_RUN_ID"),
-        output_dir=scratch,
-    ) as run:
+    with context.start_run("import-stage1", "stage_a", scratch) as run:
         local = Storage().download(stage1_lora_uri, scratch / "stage1.safetensors") if is_s3(stage1_lora_uri) else None
         weights = read_lora(str(local or stage1_lora_uri))  # UserError (one line) on a file that is not a Wan LoRA
         ranks = sorted({module.rank for module in weights.modules.values()})

@@ -28,46 +28,26 @@ def train_stage2(
 
     ``config`` and ``gpus`` work as in ``train_stage1``; the MLflow child run is opened by the trainer.
     """
-    import os
     import shutil
     import tempfile
     from pathlib import Path
 
+    from lora_moe_core.config import load_config, resolve_config_path
     from lora_moe_core.storage.store import Storage, is_s3, join
-    from lora_moe_core.training.launch import launch_training, resolve_config
+    from lora_moe_core.tracking.context import TrackingContext
+    from lora_moe_core.training.launch import launch_training
 
-    os.environ.update({**tracking, "KFP_TASK_NAME": kfp_task_name})
-    config_path = resolve_config(config)
+    context = TrackingContext.from_step(tracking, kfp_task_name)
     scratch = Path(tempfile.mkdtemp(prefix="stage2-"))
     base_lora = stage1_lora_uri
     if is_s3(stage1_lora_uri):
         base_lora = str(Storage().download(stage1_lora_uri, scratch / "stage1" / "lora_final.safetensors"))
     out = scratch / "lora_moe_stage_b"
-    argv = [
-        "train",
-        "--config",
-        str(config_path),
-        "--training_stage",
-        "stage_b",
-        "--task",
-        task,
-        "--cache",
-        cache_uri,
-        "--base_lora_weights",
-        base_lora,
-        "--output_dir",
-        str(out),
-        "--num_train_epochs",
-        str(num_train_epochs),
-        "--learning_rate",
-        str(learning_rate),
-        "--seed",
-        str(seed),
-        "--experiment",
-        tracking.get("MLFLOW_EXPERIMENT_NAME", "lora-moe"),
-    ]
-    argv += ["--model", base_model_uri] if base_model_uri else []
-    history = launch_training(argv, gpus, out, "stage_b")
+    overrides = {"training_stage": "stage_b", "task": task, "cache": cache_uri, "base_lora_weights": base_lora,
+                 "output_dir": str(out), "num_train_epochs": num_train_epochs, "learning_rate": learning_rate,
+                 "seed": seed, "experiment": context.experiment,
+                 **({"model": base_model_uri} if base_model_uri else {})}  # fmt: skip
+    history = launch_training(load_config(resolve_config_path(config), overrides), gpus, context)
     shutil.copyfile(out / "lora_moe_final.safetensors", lora_moe.path)
     for key, value in (history[-1] if history else {}).items():
         if isinstance(value, int | float) and not key.startswith("gate_mean."):

@@ -8,6 +8,7 @@ flag of the same name (``--learning_rate 5e-5``); a flag given on the command li
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -241,18 +242,33 @@ def _format_error(error: ValidationError, source: str) -> str:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file, turning every failure into a one-line :class:`UserError`."""
+    """Read a TOML file (or the JSON a multi-GPU launch writes), turning every failure into a one-line error."""
     from lora_moe_core.data.dataset import decode_utf8
 
     path = Path(path)
     try:
-        return tomllib.loads(decode_utf8(path.read_bytes(), f"config {path}"))
+        text = decode_utf8(path.read_bytes(), f"config {path}")
+        if path.suffix == ".json":
+            return json.loads(text)
+        return tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON: {exc}") from None
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A config path as given when it exists, else one of the configs shipped inside the package
+    (``configs/vanilla_lora.toml``, ``configs/demo/...``): a pipeline parameter names them the same way in a
+    checkout, an installed wheel and the images."""
+    path = Path(config)
+    if path.is_absolute() or path.exists():
+        return path
+    return Path(__file__).resolve().parent / path
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -10,6 +10,7 @@ from kfp.dsl import Artifact, Model
 
 from components import finish_tracking, import_lora_moe, infer_export, start_tracking
 from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
+from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
 from pipelines.defaults import PROMPTS
 
 PIPELINE_NAME = "lora-moe-inference"
@@ -26,7 +27,7 @@ def build_inference_pipeline(settings: ClusterSettings | None = None):
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Videos from prompts with a trained WAN2.2 LoRA-MoE")
     def lora_moe_inference(
-        lora_moe_uri: str = "models:/lora-moe-surgical@candidate",
+        lora_moe_uri: str = f"models:/{REGISTERED_MODEL}@{REGISTRY_ALIAS}",
         base_model_uri: str = "s3://lora-moe-data/models/Wan2.2-T2V-A14B-Diffusers",
         task: str = "t2v-A14B",
         prompts: list = PROMPTS,
@@ -34,10 +35,10 @@ def build_inference_pipeline(settings: ClusterSettings | None = None):
         height: int = 480,
         width: int = 832,
         num_inference_steps: int = 40,
-        alpha_base: float = 0.7,
-        alpha_expert: float = 1.0,
+        alpha_base: float = ALPHA_BASE,
+        alpha_expert: float = ALPHA_EXPERT,
         seed: int = 0,
-        mlflow_experiment: str = "lora-moe",
+        mlflow_experiment: str = EXPERIMENT,
     ) -> InferenceOutputs:
         """Generate videos.
 
@@ -53,7 +54,7 @@ def build_inference_pipeline(settings: ClusterSettings | None = None):
         )
         use_credentials(cpu_task(start, s), s, s3=False)
         context = {"tracking": start.output, "kfp_task_name": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
-        model = use_credentials(cpu_task(import_lora_moe(lora_moe_uri=lora_moe_uri, **context), s), s)
+        model = use_credentials(cpu_task(import_lora_moe(lora_moe_uri=lora_moe_uri), s), s)
         samples = infer_export(
             lora_moe=model.outputs["lora_moe"],
             task=task,

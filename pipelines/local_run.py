@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_moe_core.config import resolve_config_path
+from lora_moe_core.defaults import REGISTERED_MODEL, REGISTRY_ALIAS
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import redact
-from pipelines.defaults import DEMO_STAGE1_CONFIG, DEMO_STAGE2_CONFIG, REPO, training_section
-
-TINY_PROMPTS = [{"prompt": "电凝钩切割组织", "instrument_hint": "Hook/Electrocautery"}]
+from pipelines.defaults import DEMO_PROMPTS, DEMO_STAGE1_CONFIG, DEMO_STAGE2_CONFIG, training_section
 
 
 @dataclass
@@ -60,8 +60,9 @@ class LocalRun:
 
         width, height, frames = self.sample_size
         if self.pipeline == "inference":
-            arguments = {"lora_moe_uri": "models:/lora-moe-surgical@candidate", "base_model_uri": "", "task": "tiny",
-                         "prompts": TINY_PROMPTS, "num_frames": frames, "height": height, "width": width,
+            arguments = {"lora_moe_uri": f"models:/{REGISTERED_MODEL}@{REGISTRY_ALIAS}", "base_model_uri": "",
+                         "task": "tiny", "prompts": DEMO_PROMPTS, "num_frames": frames, "height": height,
+                         "width": width,
                          "num_inference_steps": self.sample_steps}  # fmt: skip
             return self._with_overrides(arguments)
         store = self.store_uri
@@ -75,10 +76,10 @@ class LocalRun:
             "synthetic_eval_clips": self.eval_clips,
             "synthetic_size": list(self.clip_size),
             "cache_shards": self.cache_shards,
-            "stage1_config": str(REPO / DEMO_STAGE1_CONFIG),
+            "stage1_config": str(resolve_config_path(DEMO_STAGE1_CONFIG)),
             "stage1_epochs": self.stage1_epochs,
             "stage1_learning_rate": training_section(DEMO_STAGE1_CONFIG)["learning_rate"],
-            "stage2_config": str(REPO / DEMO_STAGE2_CONFIG),
+            "stage2_config": str(resolve_config_path(DEMO_STAGE2_CONFIG)),
             "stage2_epochs": self.stage2_epochs,
             "stage2_learning_rate": training_section(DEMO_STAGE2_CONFIG)["learning_rate"],
             "seed": 0,
@@ -87,7 +88,7 @@ class LocalRun:
             "sample_width": width,
             "sample_height": height,
             "sample_frames": frames,
-            "prompts": TINY_PROMPTS,
+            "prompts": DEMO_PROMPTS,
         }
         return self._with_overrides(arguments)
 

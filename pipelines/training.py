@@ -25,6 +25,7 @@ from components import (
     train_stage2,
 )
 from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
+from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
 from pipelines.defaults import PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
 
 PIPELINE_NAME = "lora-moe-training"
@@ -75,14 +76,14 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         sample_height: int = 480,
         sample_frames: int = 33,
         prompts: list = PROMPTS,
-        alpha_base: float = 0.7,
-        alpha_expert: float = 1.0,
+        alpha_base: float = ALPHA_BASE,
+        alpha_expert: float = ALPHA_EXPERT,
         synthetic_clips: int = 0,
         synthetic_eval_clips: int = 0,
         synthetic_size: list = SYNTHETIC_SIZE,
-        mlflow_experiment: str = "lora-moe",
-        model_name: str = "lora-moe-surgical",
-        model_alias: str = "candidate",
+        mlflow_experiment: str = EXPERIMENT,
+        model_name: str = REGISTERED_MODEL,
+        model_alias: str = REGISTRY_ALIAS,
     ) -> TrainingOutputs:
         """Train the two-stage LoRA-MoE.
 
@@ -237,10 +238,9 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         register = cpu(
             register_model(
                 lora_moe=stage2.outputs["lora_moe"],
+                instrument_loras=samples.outputs["instrument_loras"],
                 model_name=model_name,
                 alias=model_alias,
-                alpha_base=alpha_base,
-                alpha_expert=alpha_expert,
                 **context,
             ).after(evaluation, samples)
         )

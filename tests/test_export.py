@@ -41,6 +41,7 @@ def test_exported_lora_loaded_by_diffusers_reproduces_lora_moe(tmp_path, trained
     )
     assert [p.name for p in paths] == ["Hook_low_noise.safetensors", "Hook_high_noise.safetensors"]
     assert (gates > 0).sum() == 2  # a (randomly) trained router picks two experts
+    trained.route.alpha_base, trained.alpha_expert = 0.7, 1.0  # what the export was asked for
     trained.apply_to(tiny_transformer)
     for path, timestep in zip(paths, (300.0, 950.0), strict=True):
         trained.set_routing(instrument_logits(["Hook"]))
@@ -68,3 +69,24 @@ def test_equal_timestep_gates_give_one_file(tmp_path, trained):
         trained.timestep_gates.logits.zero_()
     paths, _ = export_instrument_lora(trained, ["Other"], tmp_path, to="comfy")
     assert [p.name for p in paths] == ["Other.safetensors"]
+
+
+def test_export_leaves_the_network_as_it_was(tmp_path, trained):
+    """Export routes and scales a copy: the caller's multipliers, routing and weights are untouched."""
+    before = {name: value.clone() for name, value in trained.state_dict().items()}
+    trained.route.alpha_base, trained.alpha_expert = 0.25, 2.0
+    export_instrument_lora(trained, ["Hook"], tmp_path, to="comfy")
+    assert (trained.route.alpha_base, trained.alpha_expert) == (0.25, 2.0)
+    assert all(torch.equal(before[name], value) for name, value in trained.state_dict().items())
+
+
+def test_export_defaults_are_the_seed_inference_multipliers(tmp_path, trained):
+    """Without flags, the exported file equals one exported with infer's --alpha_base 0.7 --alpha_expert 1.0."""
+    default = read_lora(export_instrument_lora(trained, ["Hook"], tmp_path / "a", to="comfy")[0][0])
+    seeded = read_lora(export_instrument_lora(trained, ["Hook"], tmp_path / "b", to="comfy", alpha_base=0.7,
+                                              alpha_expert=1.0)[0][0])  # fmt: skip
+    one = read_lora(export_instrument_lora(trained, ["Hook"], tmp_path / "c", to="comfy", alpha_base=1.0)[0][0])
+    name = "blocks.3.attn1.to_q"
+    assert default.modules[name].up.dtype == torch.float32
+    assert torch.equal(default.modules[name].up, seeded.modules[name].up)
+    assert not torch.allclose(default.modules[name].up, one.modules[name].up)

@@ -31,24 +31,21 @@ GPU_STEPS = {"cache-latents", "cache-latents-2", "train-stage1", "train-stage2",
 
 
 @pytest.fixture
-def lora_moe(monkeypatch):
-    """``lora_moe_core.cli.main``, with the ``pipeline`` command added when cli.py does not wire it yet."""
+def lora_moe():
+    """``lora-moe`` as installed: the ``pipeline`` command comes from the ``lora_moe.commands`` entry point."""
     from lora_moe_core.cli import main as cli
-    from pipelines.cli import add_pipeline_parser
 
-    def commands_of(parser):
-        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-
-    if "pipeline" not in commands_of(cli.build_parser()).choices:
-        original = cli.build_parser
-
-        def build_parser():
-            parser = original()
-            add_pipeline_parser(commands_of(parser))
-            return parser
-
-        monkeypatch.setattr(cli, "build_parser", build_parser)
     return cli.main
+
+
+def test_pipeline_command_comes_from_the_entry_point():
+    from importlib.metadata import entry_points
+
+    from lora_moe_core.cli.main import build_parser
+
+    assert [e.value for e in entry_points(group="lora_moe.commands")] == ["pipelines.cli:add_pipeline_parser"]
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert "pipeline" in commands.choices
 
 
 def fails_with(capsys, main, argv, *words):

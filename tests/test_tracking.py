@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.tracking.context import TrackingContext
 from lora_moe_core.tracking.runs import finish_run, register_model, start_parent_run
 from lora_moe_core.tracking.tracker import (
     FALLBACK_FILE,
@@ -123,7 +124,7 @@ def test_server_run_params_metrics_artifacts_tags_and_parent(
     monkeypatch.setenv("KFP_RUN_ID", "kfp-1234")
     monkeypatch.setenv("KFP_RUN_NAME", "nightly")
     experiment = f"exp-{uuid.uuid4().hex[:8]}"
-    parent_id = start_parent_run("pipeline", experiment, output_dir=tmp_path)
+    parent_id = start_parent_run("pipeline", TrackingContext(experiment=experiment), output_dir=tmp_path)
     assert parent_id
     report = tmp_path / "metrics.json"
     report.write_text('{"fid": 1.5}')

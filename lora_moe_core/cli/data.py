@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_moe_core.errors import UserError
+from lora_moe_core.defaults import DEFAULT_TASK, TASK_NAMES
 
 
 def _synth_data(args: argparse.Namespace) -> int:
@@ -17,12 +17,9 @@ def _synth_data(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from lora_moe_core.data.dataset import load_dataset
-    from lora_moe_core.data.labeling import label_records, write_labels
-    from lora_moe_core.data.vocabulary import Vocabulary
+    from lora_moe_core.data.labeling import label_dataset
 
-    records, summary = label_records(load_dataset(args.dataset), Vocabulary.load(args.vocab))
-    write_labels(records, args.output)
+    summary = label_dataset(args.dataset, args.output, args.vocab)
     print("\n".join(summary.lines()))
     print(f"wrote {args.output}")
     return 0
@@ -36,35 +33,16 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from lora_moe_core.cache.writer import CacheSettings, LatentCacher, import_musubi_cache, is_musubi_cache
-    from lora_moe_core.data.dataset import load_dataset
-    from lora_moe_core.data.labeling import label_records, read_labels
-    from lora_moe_core.data.vocabulary import Vocabulary
-    from lora_moe_core.model.loading import load_encoders
-    from lora_moe_core.storage.store import Storage, is_s3
+    from lora_moe_core.cache.build import cache_dataset
+    from lora_moe_core.cache.writer import CacheSettings
 
-    storage = Storage()
     settings = CacheSettings(task=args.task, model=args.model, tip_weight=args.tip_weight,
                              roi_fallback=args.roi_fallback, latent_dtype=args.latent_dtype,
                              max_bad_fraction=args.max_bad_fraction)  # fmt: skip
-    if is_musubi_cache(args.dataset, storage):
-        report = import_musubi_cache(args.dataset, args.output, settings, storage)
-        print(f"reused the musubi cache {args.dataset} without re-encoding: {report.clips} clips -> {args.output}")
-        return 0
-    dataset = load_dataset(args.dataset, storage)
-    if args.target_frames or args.resolution:
-        dataset.options.target_frames = args.target_frames or dataset.options.target_frames
-        dataset.options.resolution = tuple(args.resolution or dataset.options.resolution)
-        dataset.options.validate("--target_frames/--resolution")
-    labels = read_labels(args.labels, storage) if args.labels else label_records(dataset, Vocabulary.from_builtin())[0]
-    if len(labels) != len(dataset.clips):
-        raise UserError(f"{args.labels} has {len(labels)} lines but the dataset has {len(dataset.clips)} clips")
-    if is_s3(args.output):
-        storage.list(args.output)  # a missing bucket or a denied key fails now, not once per encoded video
-    cacher = LatentCacher(load_encoders(args.task, args.model), settings, args.output, storage)
-    report = cacher.run(dataset, labels, args.shard)
-    print(f"cached {report.clips} clips from {report.written} videos, {report.skipped} up to date, "
-          f"{report.failed} failed -> {args.output}")  # fmt: skip
+    resolution = tuple(args.resolution) if args.resolution else None
+    outcome = cache_dataset(args.dataset, args.output, settings, args.labels, args.shard, args.target_frames,
+                            resolution)  # fmt: skip
+    print(outcome.line(args.dataset, args.output))
     return 0
 
 
@@ -75,9 +53,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
     model, report = train_classifier(read_cache(args.cache), epochs=args.epochs,
                                      held_out_fraction=args.held_out_fraction, seed=args.seed)  # fmt: skip
     save_classifier(model, args.output, report)
-    accuracy = "n/a" if report.held_out_accuracy is None else f"{report.held_out_accuracy:.3f}"
-    print(f"trained on {report.train_clips} clips; held-out exact family-set accuracy {accuracy} "
-          f"on {report.held_out_clips} clips -> {args.output}")  # fmt: skip
+    print(report.line(args.output))
     return 0
 
 
@@ -101,7 +77,7 @@ def add_data_commands(commands) -> None:
     cache = commands.add_parser("cache", help="encode videos and captions into a musubi-compatible latent cache")
     cache.add_argument("--dataset", required=True, help="dataset .toml/.jsonl/folder, or a musubi cache folder")
     cache.add_argument("--labels", help="labels.jsonl from `lora-moe label` (default: label the captions now)")
-    cache.add_argument("--task", choices=("tiny", "t2v-A14B"), default="t2v-A14B", help="model family")
+    cache.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK, help="model family")
     cache.add_argument("--model", help="diffusers-layout Wan2.2 folder, local or s3:// (required for t2v-A14B)")
     cache.add_argument("--output", required=True, help="cache folder or s3:// prefix")
     cache.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: cache every n-th video from i (fan-out)")

@@ -15,11 +15,21 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 from lora_moe_core.cli.data import add_data_commands
+from lora_moe_core.defaults import (
+    ALPHA_BASE,
+    ALPHA_EXPERT,
+    DEFAULT_TASK,
+    DTYPE_NAMES,
+    EXPERIMENT,
+    LORA_FORMATS,
+    REGISTERED_MODEL,
+    REGISTRY_ALIAS,
+    TASK_NAMES,
+)
 from lora_moe_core.errors import EXIT_USER_ERROR, UserError
+from lora_moe_core.families import FAMILIES, family
 
-LORA_FORMATS = ("comfy", "diffusers", "musubi")
 PLUGIN_GROUP = "lora_moe.commands"
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +106,6 @@ def _export(args: argparse.Namespace) -> int:
     from lora_moe_core.adapters.checkpoint import load_network, read_checkpoint
     from lora_moe_core.adapters.export import export_instrument_lora
     from lora_moe_core.data.vocabulary import parse_instrument_hint
-    from lora_moe_core.families import FAMILIES
     from lora_moe_core.model.wan import task_linear_shapes
 
     families = parse_instrument_hint(args.instrument_hint)
@@ -128,7 +137,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   samples_per_family=args.samples_per_family, sample_steps=args.sample_steps,
                                   sample_size=tuple(args.sample_size), seed=args.seed)  # fmt: skip
     metrics = run_evaluation(settings)
-    for key in ("routing.accuracy", *(f"val_loss.{f}.stage2" for f in ("Scissors", "Hook", "Suction", "Other"))):
+    for key in ("routing.accuracy", *(f"val_loss.{f}.stage2" for f in FAMILIES)):
         if key in metrics:
             print(f"{key} = {metrics[key]:.4f}")
     print(f"wrote {args.output_dir}/metrics.json and {args.output_dir}/report.html")
@@ -136,18 +145,24 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from lora_moe_core.tracking.context import TrackingContext
     from lora_moe_core.tracking.registry import register_checkpoint
 
-    version = register_checkpoint(args.lora_moe_weights, args.name, args.work_dir, experiment=args.experiment,
-                                  alias=args.alias)  # fmt: skip
-    print(f"registered {args.name} version {version} (alias '{args.alias}')")
+    context = TrackingContext.from_env()
+    context = replace(context, experiment=args.experiment) if args.experiment else context
+    version = register_checkpoint(args.lora_moe_weights, args.name, args.work_dir, context=context, alias=args.alias)
+    print(f"registered {args.name} version {version} (alias '{args.alias}')" if version else
+          "MLflow tracking is off (MLFLOW_TRACKING_URI=none): nothing registered")  # fmt: skip
     return 0
 
 
 def _infer(args: argparse.Namespace) -> int:
     from lora_moe_core.inference.generate import run_infer
+    from lora_moe_core.inference.request import InferenceRequest
 
-    run_infer(args)
+    run_infer(InferenceRequest.from_namespace(args))
     return 0
 
 
@@ -182,18 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--input", required=True, help="LoRA .safetensors (format auto-detected)")
     convert.add_argument("--to", required=True, choices=LORA_FORMATS, help="output key layout")
     convert.add_argument("--output", required=True, help="output .safetensors path")
-    convert.add_argument("--dtype", choices=DTYPES, help="output dtype (default: the input's)")
+    convert.add_argument("--dtype", choices=DTYPE_NAMES, help="output dtype (default: the input's)")
     convert.set_defaults(handler=_convert_lora)
 
     export = commands.add_parser("export", help="write a standard LoRA equal to the LoRA-MoE for one instrument")
     export.add_argument("--lora_moe_weights", required=True, help="Stage-2 checkpoint (.safetensors)")
-    export.add_argument("--instrument_hint", required=True, help="family or alias, e.g. Hook/Electrocautery")
-    export.add_argument("--alpha_base", type=float, default=None, help="base LoRA multiplier (default: trained 1.0)")
-    export.add_argument("--alpha_expert", type=float, default=None, help="expert multiplier (default: trained 1.0)")
+    export.add_argument("--instrument_hint", required=True, help=f"family or alias, e.g. {family('Hook').hint}")
+    export.add_argument("--alpha_base", type=float, default=ALPHA_BASE,
+                        help=f"base LoRA multiplier (default: the seed's {ALPHA_BASE}, as infer)")  # fmt: skip
+    export.add_argument("--alpha_expert", type=float, default=ALPHA_EXPERT,
+                        help=f"expert multiplier (default: the seed's {ALPHA_EXPERT}, as infer)")  # fmt: skip
     export.add_argument("--to", choices=LORA_FORMATS, default="comfy", help="key layout of the written files")
     export.add_argument("--output_dir", required=True, help="folder for the exported LoRA files")
-    export.add_argument("--dtype", choices=DTYPES, default="bf16", help="stored dtype (default bf16)")
-    export.add_argument("--task", choices=("tiny", "t2v-A14B"), help="model to validate against (default: stored)")
+    export.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                        help="stored dtype (default fp32; bf16 costs ~2e-3 relative error in ΔW)")  # fmt: skip
+    export.add_argument("--task", choices=TASK_NAMES, help="model to validate against (default: stored)")
     export.set_defaults(handler=_export)
 
     add_data_commands(commands)
@@ -203,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="held-out metrics, routing report, samples, report.html")
-    evaluate.add_argument("--task", choices=("tiny", "t2v-A14B"), default="t2v-A14B", help="model family")
+    evaluate.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK, help="model family")
     evaluate.add_argument("--model", help="diffusers-layout Wan2.2 folder, local or s3:// (required for t2v-A14B)")
     evaluate.add_argument("--lora_moe_weights", required=True, help="Stage-2 checkpoint")
     evaluate.add_argument("--base_lora_weights", help="Stage-1 LoRA (any format), evaluated as 'stage1'")
@@ -225,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register = commands.add_parser("register", help="register a Stage-2 checkpoint in the MLflow model registry")
     register.add_argument("--lora_moe_weights", required=True, help="Stage-2 checkpoint")
-    register.add_argument("--name", default="lora-moe-surgical", help="registered model name")
-    register.add_argument("--alias", default="candidate", help="alias set on the new version")
-    register.add_argument("--experiment", default="lora-moe", help="MLflow experiment of the registering run")
+    register.add_argument("--name", default=REGISTERED_MODEL, help="registered model name")
+    register.add_argument("--alias", default=REGISTRY_ALIAS, help="alias set on the new version")
+    register.add_argument("--experiment", help=f"MLflow experiment of the registering run (default: {EXPERIMENT})")
     register.add_argument("--work_dir", required=True, help="folder for the packaged model")
     register.set_defaults(handler=_register)
 
@@ -238,11 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--instrument_hint", help="route to these families, e.g. Hook/Electrocautery or Hook+Suction")
     infer.add_argument("--reference_video", help="mp4 the classifier routes by when hint and prompt name nothing")
     infer.add_argument("--classifier_weights", help="instrument classifier for --reference_video")
-    infer.add_argument("--alpha_base", type=float, default=0.7, help="base LoRA multiplier (seed: 0.7)")
-    infer.add_argument("--alpha_expert", type=float, default=1.0, help="expert multiplier (seed: 1.0)")
+    infer.add_argument(
+        "--alpha_base", type=float, default=ALPHA_BASE, help=f"base LoRA multiplier (seed: {ALPHA_BASE})"
+    )
+    infer.add_argument(
+        "--alpha_expert", type=float, default=ALPHA_EXPERT, help=f"expert multiplier (seed: {ALPHA_EXPERT})"
+    )
     infer.add_argument("--output_path", default="output.mp4", help="video of --prompt; gates in <stem>.gates.json")
     infer.add_argument("--output_dir", default="outputs/infer", help="folder of the --prompts_file videos")
-    infer.add_argument("--task", choices=("tiny", "t2v-A14B"), help="model family (default: the checkpoint's)")
+    infer.add_argument("--task", choices=TASK_NAMES, help="model family (default: the checkpoint's)")
     infer.add_argument("--model", help="diffusers-layout Wan2.2 folder, local or s3:// (required for t2v-A14B)")
     infer.add_argument("--seed", type=int, default=0, help="noise seed")
     infer.add_argument("--num_inference_steps", type=int, default=40, help="UniPC steps")
@@ -255,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--negative_prompt", default=None, help="default: Wan's own negative prompt; '' for none")
     infer.add_argument("--merge", action="store_true", help="fold the adapters into the DiT weights per route")
     infer.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    infer.add_argument("--dtype", choices=DTYPES, help="DiT dtype (default: bf16 on cuda, fp32 on cpu)")
+    infer.add_argument("--dtype", choices=DTYPE_NAMES, help="DiT dtype (default: bf16 on cuda, fp32 on cpu)")
     infer.set_defaults(handler=_infer)
 
     demo = commands.add_parser("demo", help="tiny end-to-end demo on CPU (what `make run` runs)")

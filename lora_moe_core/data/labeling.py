@@ -28,6 +28,27 @@ class LabelSummary:
         return [f"labelled {self.total - self.unlabelled}/{self.total} captions", *rows,
                 f"{'none':<{width}}  {self.unlabelled:5d}  (no instrument named: uniform probs)"]  # fmt: skip
 
+    def metrics(self) -> dict[str, int]:
+        """``clips.<Family>``, ``clips.total``, ``clips.unlabelled`` (for MLflow and KFP metadata)."""
+        counts = {f"clips.{name}": count for name, count in self.per_family.items()}
+        return {**counts, "clips.total": self.total, "clips.unlabelled": self.unlabelled}
+
+
+def label_dataset(
+    dataset_uri: str, output: str, vocab: str | None = None, storage: Storage | None = None
+) -> LabelSummary:
+    """``lora-moe label``: label every caption of a dataset (local or s3://) and write ``labels.jsonl`` to ``output``.
+
+    ``vocab`` is an extra vocabulary TOML added to the built-in zh/en terms.
+    """
+    from lora_moe_core.data.dataset import load_dataset
+    from lora_moe_core.data.vocabulary import Vocabulary
+
+    storage = storage or Storage()
+    records, summary = label_records(load_dataset(dataset_uri, storage), Vocabulary.load(vocab))
+    write_labels(records, output, storage)
+    return summary
+
 
 def label_records(dataset: Dataset, vocabulary: Vocabulary) -> tuple[list[dict[str, Any]], LabelSummary]:
     """The manifest's fields plus ``families``, ``probs`` and ``matched`` for every clip, in order."""

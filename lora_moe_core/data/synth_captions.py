@@ -8,33 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
-_ZH_NOUNS = {
-    "Scissors": ("剪刀", "手术剪", "腔镜剪", "弯剪", "组织剪", "梅氏剪"),
-    "Hook": ("电凝钩", "电钩", "L型电钩", "单极电钩"),
-    "Suction": ("吸引器", "吸引管", "冲洗吸引器", "吸引头"),
-    "Other": ("抓钳", "无损伤抓钳", "分离钳", "弯钳"),
-}
-_ZH_ACTS = {
-    "Scissors": ("剪开腹膜", "剪断胆囊管", "锐性分离粘连组织", "剪开胆囊浆膜"),
-    "Hook": ("在胆囊三角区分离组织", "电凝止血", "切开胆囊浆膜", "游离胆囊床"),
-    "Suction": ("吸除积血", "冲洗术野", "吸净渗出液", "吸除肝下积液"),
-    "Other": ("夹持胆囊底部", "牵拉胆囊颈部", "提起胆囊壶腹部", "向外侧牵拉胆囊"),
-}
+from lora_moe_core.families import FAMILY_TABLE
+
+_ZH_NOUNS = {entry.name: entry.caption_nouns_zh for entry in FAMILY_TABLE}
+_ZH_ACTS = {entry.name: entry.caption_acts_zh for entry in FAMILY_TABLE}
 _ZH_PREFIXES = ("腹腔镜下", "腔镜下", "", "镜头下可见", "腹腔镜胆囊切除术中，", "术野中")
 _ZH_ONE = ("{p}{A}{a}", "{p}使用{A}{a}", "{p}术者以{A}{a}", "{p}{A}正在{a}，视野清晰")
 _ZH_TWO = ("{p}{A}{a}，{B}{b}", "{p}{A}{a}的同时，{B}{b}", "{p}{A}与{B}配合操作：{a}，并{b}")
-_EN_NOUNS = {
-    "Scissors": ("scissors", "curved scissors", "Metzenbaum scissors", "laparoscopic scissors"),
-    "Hook": ("a hook", "an L-hook", "an electrocautery hook", "a monopolar hook"),
-    "Suction": ("a suction irrigator", "an aspirator", "a suction tube", "an irrigator"),
-    "Other": ("a grasper", "an atraumatic grasper", "a Maryland dissector", "grasping forceps"),
-}
-_EN_ACTS = {
-    "Scissors": ("cut the cystic duct", "divide the peritoneum", "trim adhesions"),
-    "Hook": ("dissect Calot's triangle", "coagulate a small bleeder", "open the serosa"),
-    "Suction": ("aspirate pooled blood", "irrigate the operative field", "clear the fluid"),
-    "Other": ("retract the gallbladder", "hold the fundus", "lift the gallbladder neck"),
-}
+_EN_NOUNS = {entry.name: entry.caption_nouns_en for entry in FAMILY_TABLE}
+_EN_ACTS = {entry.name: entry.caption_acts_en for entry in FAMILY_TABLE}
 _EN_DOUBLED = {"cut": "cutting", "trim": "trimming"}  # the only verbs above that double a consonant
 _EN_PREFIXES = ("Laparoscopic view: ", "Endoscopic footage: ", "", "Laparoscopic cholecystectomy, ",
                 "Camera close-up: ")  # fmt: skip

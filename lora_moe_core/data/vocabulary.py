@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.families import FAMILIES, NUM_FAMILIES
+from lora_moe_core.families import FAMILIES, FAMILY_TABLE, IGNORED_TERMS, NUM_FAMILIES
 
 if TYPE_CHECKING:
     import torch
@@ -51,44 +51,9 @@ IGNORE = "Ignore"
 _VALID_KEYS: tuple[str, ...] = (*FAMILIES, IGNORE)
 
 BUILTIN_TERMS: dict[str, tuple[str, ...]] = {
-    "Scissors": (
-        "剪刀", "手术剪", "腔镜剪", "腹腔镜剪", "腹腔镜剪刀", "弯剪", "直剪", "组织剪", "梅氏剪",
-        "Metzenbaum剪", "钩剪", "线剪", "剪断", "剪开",
-        "scissors", "curved scissors", "Metzenbaum", "Metzenbaum scissors", "hook scissors",
-        "shears", "cut", "cutting",
-    ),
-    "Hook": (
-        "电凝钩", "电钩", "L型电钩", "单极电凝", "单极电钩", "单极", "电刀", "电铲", "电凝棒", "电灼", "电凝",
-        "hook", "L-hook", "hook electrode", "monopolar", "electrocautery", "cautery", "diathermy",
-        "Bovie", "spatula", "cauterize", "cauterizing", "cauterized", "cauterise", "cauterising",
-        "coagulate", "coagulating", "coagulated", "coagulation", "electrocoagulation",
-    ),
-    "Suction": (
-        "吸引器", "吸引管", "吸引头", "冲洗吸引器", "吸引冲洗器", "冲吸器", "冲洗器", "冲洗管", "负压吸引",
-        "吸引", "冲洗", "吸除",
-        "suction", "suctioning", "suctioned", "suction-irrigation", "suction irrigator",
-        "aspirator", "irrigator", "aspirate", "aspirating", "aspirated", "aspiration",
-        "irrigate", "irrigating", "irrigated", "irrigation",
-    ),
-    "Other": (
-        "抓钳", "无损伤抓钳", "分离钳", "解剖钳", "弯钳", "直角钳", "鸭嘴钳", "扁钳", "持针器", "持针钳",
-        "施夹钳", "施夹器", "钛夹", "生物夹", "可吸收夹", "结扎夹", "Hem-o-lok夹", "取物袋", "标本袋", "标本取物器",
-        "穿刺器",
-        "套管", "拉钩", "肝拉钩", "肝脏拉钩", "牵开器", "双极", "双极电凝", "双极电凝钳", "双极钳", "超声刀",
-        "结扎速", "血管闭合器", "切割闭合器", "吻合器", "缝针", "缝线", "纱布", "纱条", "引流管",
-        "grasper", "atraumatic grasper", "grasping forceps", "forceps", "grasp", "grasping", "grasped",
-        "Maryland", "Maryland dissector", "dissector", "right-angle", "needle holder", "needle driver",
-        "clip applier", "clipper", "clip", "titanium clip", "polymer clip", "Hem-o-lok", "specimen bag",
-        "retrieval bag", "endobag", "endo bag",
-        "trocar", "cannula", "retractor", "liver retractor", "retract", "retracting", "retracted",
-        "retraction", "bipolar", "bipolar forceps", "bipolar grasper", "bipolar cautery",
-        "bipolar coagulation", "bipolar electrocautery", "harmonic", "harmonic scalpel", "harmonic shears",
-        "ultrasonic shears", "ultrasonic scalpel", "ultrasonic dissector", "LigaSure", "vessel sealer",
-        "stapler", "linear cutter", "cutting stapler", "suture", "needle", "gauze", "drain",
-    ),
-    IGNORE: ("腹腔镜下", "腹腔镜", "腔镜下", "镜头", "laparoscopic", "laparoscope", "laparoscopy",
-             "endoscope", "endoscopic", "camera"),
-}  # fmt: skip
+    **{entry.name: entry.terms for entry in FAMILY_TABLE},
+    IGNORE: IGNORED_TERMS,
+}
 
 
 def _key(term: str) -> str:

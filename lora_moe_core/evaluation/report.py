@@ -152,3 +152,26 @@ def write_report(metrics: dict, plots: list[Path], videos: list[Path], path: Pat
                         legend=legend)  # fmt: skip
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def inline_assets(report: str | Path) -> str:
+    """``report.html`` as one self-contained page: every relative ``src``/``href`` becomes a ``data:`` URI.
+
+    The KFP UI shows an HTML artifact as a single file, so the plots and sample clips beside it must travel inside.
+    Links to files that do not exist, absolute URLs and fragments are left as they are.
+    """
+    import base64
+    import mimetypes
+    import re
+
+    folder = Path(report).parent
+
+    def inline(match: re.Match) -> str:
+        target = folder / match.group(2)
+        if not target.is_file():
+            return match.group(0)
+        mime = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        return f'{match.group(1)}="data:{mime};base64,{base64.b64encode(target.read_bytes()).decode()}"'
+
+    page = Path(report).read_text(encoding="utf-8")
+    return re.sub(r'(src|href)="(?![a-z]+:)([^"#?]+)"', inline, page)

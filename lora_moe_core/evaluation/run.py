@@ -22,6 +22,7 @@ from lora_moe_core.evaluation import report
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.lora_files import read_lora
 from lora_moe_core.model.wan import get_task, linear_shapes
+from lora_moe_core.tracking.context import TrackingContext
 
 SAMPLE_PROMPTS = {"Scissors": "腹腔镜下剪刀剪开组织", "Hook": "电凝钩切割组织", "Suction": "吸引器吸除积血",
                   "Other": "抓钳提起胆囊"}  # fmt: skip
@@ -127,8 +128,11 @@ def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier
     return videos
 
 
-def run_evaluation(settings: EvaluationSettings) -> dict[str, float]:
-    """Evaluate and write ``metrics.json``, the plots and ``report.html`` into ``output_dir``."""
+def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None = None) -> dict[str, float]:
+    """Evaluate and write ``metrics.json``, the plots and ``report.html`` into ``output_dir``.
+
+    ``context``: the MLflow parent run and KFP tags of a pipeline step (default: this process's environment).
+    """
     from lora_moe_core.model.loading import load_dits
 
     entries = read_cache(settings.cache)
@@ -157,18 +161,16 @@ def run_evaluation(settings: EvaluationSettings) -> dict[str, float]:
                                           out / "gate_vs_timestep.png")]  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     report.write_report(metrics, plots, videos, out / "report.html")
-    _track(settings, metrics, out)
+    _track(settings, metrics, out, context)
     return metrics
 
 
-def _track(settings: EvaluationSettings, metrics: dict, out: Path) -> None:
+def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None) -> None:
     """Log the metrics and every file of the report to MLflow (a child of the pipeline run when there is one)."""
-    import os
-
     from lora_moe_core.tracking.tracker import start_tracker
 
     tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
-                            parent_run_id=os.environ.get("MLFLOW_PARENT_RUN_ID") or None)  # fmt: skip
+                            context=context)  # fmt: skip
     tracker.log_params({"evaluate": {k: str(v) for k, v in settings.__dict__.items()}})
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
     for name in ("metrics.json", "report.html"):

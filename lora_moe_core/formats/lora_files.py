@@ -210,7 +210,11 @@ def _group(path: str, tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, d
 
 
 def _file_alpha(path: str, entry: dict[str, tuple[str, torch.Tensor]], rank: int) -> float:
-    """musubi/comfy alpha; absent or 0 means alpha = rank (scale 1), as musubi/kohya and ComfyUI read it."""
+    """musubi/comfy alpha; absent or 0 means alpha = rank (scale 1), as musubi/kohya read it.
+
+    ComfyUI reads an absent alpha as scale 1 too, but an alpha of 0 as scale 0 (``alpha / rank``): files we write
+    always carry a non-zero alpha, so every reader agrees on them.
+    """
     if "alpha" not in entry:
         return float(rank)
     key, t = entry["alpha"]

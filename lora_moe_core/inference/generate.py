@@ -28,6 +28,7 @@ import torch
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.inference.prompts import negative_or_default, plan_jobs
+from lora_moe_core.inference.request import InferenceRequest
 
 FPS = 16  # WAN2.2 A14B generates 16 fps clips
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -297,7 +298,7 @@ class InferenceSession:
 
 
 # -- the command --------------------------------------------------------------------------------------------------
-def run_infer(args: Any) -> list[Path]:
+def run_infer(args: InferenceRequest) -> list[Path]:
     """``lora-moe infer``: generate every planned video, write it and its gates JSON, print the gates."""
     from lora_moe_core.adapters.checkpoint import read_checkpoint
     from lora_moe_core.data.mp4 import atomic_write, write_mp4

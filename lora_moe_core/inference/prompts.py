@@ -64,6 +64,16 @@ def read_prompts_file(path: str | Path, output_dir: str | Path, template: Job) -
         entries.append(_jsonl_entry(path, number, line) if path.suffix == ".jsonl" else {"prompt": line.strip()})
     if not entries:
         raise UserError(f"prompts file {path} has no prompts")
+    return jobs_from_entries(entries, output_dir, template)
+
+
+def jobs_from_entries(entries: list[dict[str, Any]], output_dir: str | Path, template: Job,
+                      where: str | None = None) -> list[Job]:  # fmt: skip
+    """Jobs of prompt entries (the keys of a ``.jsonl`` line); ``where`` names them in errors when not yet checked."""
+    if where is not None:
+        if not entries:
+            raise UserError(f"{where}: no prompts")
+        entries = [_checked_entry(where, number, dict(entry)) for number, entry in enumerate(entries, start=1)]
     jobs = []
     for index, entry in enumerate(entries):
         output = Path(output_dir) / entry.pop("output_path", f"{index:03d}_{slug(entry['prompt'])}.mp4")
@@ -76,32 +86,42 @@ def _jsonl_entry(path: Path, number: int, line: str) -> dict[str, Any]:
         entry = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    return _checked_entry(str(path), number, entry)
+
+
+def _checked_entry(where: str, number: int, entry: Any) -> dict[str, Any]:
     if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
-        raise UserError(f'{path}:{number}: each line must be an object with a non-empty "prompt"')
+        raise UserError(f'{where}:{number}: each line must be an object with a non-empty "prompt"')
     for key, value in entry.items():
         kind = _JSONL_KEYS.get(key)
         if kind is None:
-            raise UserError(f'{path}:{number}: unknown key "{key}"; valid: {", ".join(_JSONL_KEYS)}')
+            raise UserError(f'{where}:{number}: unknown key "{key}"; valid: {", ".join(_JSONL_KEYS)}')
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise UserError(f'{path}:{number}: "{key}" must be a {kind.__name__}, got {value!r}')
+            raise UserError(f'{where}:{number}: "{key}" must be a {kind.__name__}, got {value!r}')
     return entry
 
 
 def plan_jobs(args: Any) -> list[Job]:
-    """The videos a ``lora-moe infer`` command line asks for, checked before any model is loaded."""
+    """The videos an :class:`~lora_moe_core.inference.generate.InferenceRequest` asks for, checked before any model
+    is loaded: ``prompt``, a ``prompts_file`` or a list of ``prompts`` entries (the keys of a ``.jsonl`` line)."""
     from lora_moe_core.data.dataset import check_caption
     from lora_moe_core.data.mp4 import check_writable
     from lora_moe_core.data.vocabulary import parse_instrument_hint
 
-    if (args.prompt is None) == (args.prompts_file is None):
+    if sum(source is not None for source in (args.prompt, args.prompts_file, args.prompts)) != 1:
         raise UserError("give exactly one of --prompt and --prompts_file")
     template = Job(args.prompt or "", Path(args.output_path), args.instrument_hint, args.seed,
                    negative_or_default(args.negative_prompt), args.reference_video)  # fmt: skip
-    jobs = [template] if args.prompts_file is None else read_prompts_file(args.prompts_file, args.output_dir, template)
+    if args.prompts is not None:
+        jobs = jobs_from_entries(list(args.prompts), args.output_dir, template, where="prompts")
+    elif args.prompts_file is not None:
+        jobs = read_prompts_file(args.prompts_file, args.output_dir, template)
+    else:
+        jobs = [template]
     outputs = [job.output_path.resolve() for job in jobs]
     if len(set(outputs)) != len(outputs):
         raise UserError(f"two prompts write the same video {next(o for o in outputs if outputs.count(o) > 1)}")
-    where = args.prompts_file or "--prompt"
+    where = args.prompts_file or ("prompts" if args.prompts is not None else "--prompt")
     for job in jobs:
         check_caption(job.prompt, where)  # the captions' limits: no control codes, at most MAX_CAPTION_CHARS
         if job.instrument_hint is not None:

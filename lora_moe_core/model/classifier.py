@@ -60,6 +60,11 @@ class ClassifierReport:
     held_out_accuracy: float | None  # exact family-set match
     per_family_accuracy: dict[str, float]
 
+    def line(self, path: str | Path) -> str:
+        accuracy = "n/a" if self.held_out_accuracy is None else f"{self.held_out_accuracy:.3f}"
+        return (f"trained on {self.train_clips} clips; held-out exact family-set accuracy {accuracy} "
+                f"on {self.held_out_clips} clips -> {path}")  # fmt: skip
+
 
 @torch.no_grad()
 def evaluate_classifier(model: InstrumentClassifier, entries: list[CacheEntry]) -> tuple[float, dict[str, float]]:

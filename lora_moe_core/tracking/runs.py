@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import redact
+from lora_moe_core.tracking.context import TrackingContext
 from lora_moe_core.tracking.tracker import (
-    DEFAULT_EXPERIMENT,
     MLflowTracker,
     _make_client,
     _set_http_defaults,
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def start_parent_run(
     run_name: str,
-    experiment: str = DEFAULT_EXPERIMENT,
+    context: TrackingContext,
     tracking_uri: str | None = None,
     tags: dict[str, str] | None = None,
     output_dir: str | Path | None = None,
@@ -36,9 +37,9 @@ def start_parent_run(
     """Create the pipeline run's parent run and leave it RUNNING; its id goes to every step as ``parent_run_id``.
 
     Returns ``None`` when tracking is off or the server is unreachable: the steps then run without a parent.
-    End it with ``finish_run`` from the pipeline's last step or exit handler.
+    End it with ``finish_parent_run`` from the pipeline's exit step.
     """
-    tracker = start_tracker(run_name, experiment, tracking_uri, tags, output_dir=output_dir)
+    tracker = start_tracker(run_name, tracking_uri=tracking_uri, tags=tags, output_dir=output_dir, context=context)
     return tracker.run_id
 
 
@@ -104,3 +105,50 @@ def _model_source(client, source: str, run_id: str | None) -> str:
     if run_id is None:
         raise UserError(f"model source {source!r} is a path inside a run's artifacts, but no run_id was given")
     return f"{client.get_run(run_id).info.artifact_uri}/{source.strip('/')}"
+
+
+@dataclass
+class ParentRunOutcome:
+    """How ``finish_parent_run`` ended a pipeline's parent run."""
+
+    status: str  # FINISHED or FAILED
+    step_runs: int  # the latest run of each step
+    failed: list[str]  # "<run name> (<status>)" of every step run that did not finish
+    final_stage_done: bool
+
+    def line(self, parent_id: str, final_stage: str) -> str:
+        reason = f"; failed steps: {', '.join(self.failed)}" if self.failed else ""
+        if not self.failed and not self.final_stage_done:
+            reason = f"; no finished {final_stage} step"
+        return f"MLflow parent run {parent_id}: {self.status} ({self.step_runs} step runs{reason})"
+
+
+def finish_parent_run(parent_id: str, final_stage: str, tracking_uri: str | None = None) -> ParentRunOutcome | None:
+    """End a pipeline's parent run: FINISHED when the ``final_stage`` step finished and every step's latest run did.
+
+    A step whose pod died leaves its run RUNNING: such runs are ended FAILED (KILLED when a later attempt of the
+    same step ran after it). Returns None, with a warning, when the server cannot be read; never raises.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    _set_http_defaults()
+    try:
+        client = _make_client(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]  # a step may log to another experiment
+        children = client.search_runs(experiments, f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+        latest: dict = {}
+        for run in sorted(children, key=lambda r: r.info.start_time or 0):  # a retried step: its last attempt counts
+            key = (run.data.tags.get("kfp.task", ""), run.info.run_name)
+            if key in latest and latest[key].info.status == "RUNNING":
+                client.set_terminated(latest[key].info.run_id, status="KILLED")
+            latest[key] = run
+        for run in latest.values():
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="FAILED")
+    except Exception as exc:  # noqa: BLE001 - bookkeeping only
+        log.warning("tracking: cannot read the step runs of MLflow run %s: %s", parent_id, redact(str(exc)))
+        return None
+    failed = sorted(f"{r.info.run_name} ({r.info.status})" for r in latest.values() if r.info.status != "FINISHED")
+    done = any(r.data.tags.get("stage") == final_stage and r.info.status == "FINISHED" for r in latest.values())
+    outcome = ParentRunOutcome("FINISHED" if done and not failed else "FAILED", len(latest), failed, done)
+    finish_run(parent_id, outcome.status, uri)
+    return outcome

@@ -36,16 +36,17 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from lora_moe_core.defaults import EXPERIMENT
 from lora_moe_core.redaction import redact, redact_mapping, redact_url
+from lora_moe_core.tracking.context import TrackingContext
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "lora-moe"
+DEFAULT_EXPERIMENT = EXPERIMENT
 FALLBACK_FILE = "tracking_fallback.jsonl"
 RETRY_INTERVAL_S = 60.0
 # Read by MLflow per request from os.environ (see the module doc); set only where the user has not.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
-KFP_ENV_TAGS = {"KFP_RUN_ID": "kfp.run_id", "KFP_RUN_NAME": "kfp.run_name", "KFP_TASK_NAME": "kfp.task"}
 PARENT_RUN_TAG = "mlflow.parentRunId"
 DISABLED_URIS = frozenset({"none", "off", "disabled"})
 # MLflow 3.17 limits (mlflow/utils/validation.py): values beyond these make the whole batch fail.
@@ -103,11 +104,6 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)[:MAX_PARAM_VALUE]
     return flat
-
-
-def kfp_tags() -> dict[str, str]:
-    """The KFP linkage tags (``kfp.run_id``, ``kfp.run_name``, ``kfp.task``) from env vars set by the component."""
-    return {tag: os.environ[var] for var, tag in KFP_ENV_TAGS.items() if os.environ.get(var)}
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | Path | None = None) -> str:
@@ -401,21 +397,29 @@ def _entities(entry: dict[str, Any]) -> tuple[list, int]:
 
 def start_tracker(
     run_name: str,
-    experiment: str = DEFAULT_EXPERIMENT,
+    experiment: str | None = None,
     tracking_uri: str | None = None,
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     output_dir: str | Path | None = None,
+    context: TrackingContext | None = None,
 ) -> MLflowTracker | NullTracker:
-    """Start a run (a child of ``parent_run_id`` if given) tagged with the KFP linkage; see the module doc."""
+    """Start a run tagged with the KFP linkage of ``context``; see the module doc.
+
+    ``context`` (default: the one this process was started with, :meth:`TrackingContext.from_env`) gives the
+    experiment, the parent run and the KFP tags; ``experiment`` and ``parent_run_id`` override it.
+    """
+    context = context if context is not None else TrackingContext.from_env()
     uri = resolve_tracking_uri(tracking_uri, output_dir)
     if uri.strip().lower() in DISABLED_URIS:
         return NullTracker()
     _set_http_defaults()
-    all_tags = {**kfp_tags(), **(tags or {})}
-    if parent_run_id:
-        all_tags[PARENT_RUN_TAG] = parent_run_id
+    all_tags = {**context.tags(), **(tags or {})}
+    parent = parent_run_id or context.parent_run_id
+    if parent:
+        all_tags[PARENT_RUN_TAG] = parent
     folder = Path(output_dir) if output_dir is not None else Path.cwd()
-    tracker = MLflowTracker(uri, run_name, experiment, all_tags, fallback_path=folder / FALLBACK_FILE)
+    tracker = MLflowTracker(uri, run_name, experiment or context.experiment, all_tags,
+                            fallback_path=folder / FALLBACK_FILE)  # fmt: skip
     tracker.connect()
     return tracker

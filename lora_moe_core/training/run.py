@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from lora_moe_core.data.latent_cache import CacheEntry, read_cache
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.model.memory import DiTPlacement
+from lora_moe_core.tracking.context import TrackingContext
 from lora_moe_core.training import state as run_state
 from lora_moe_core.training.loop import TrainingLoop
 from lora_moe_core.training.recipes import Stage1Recipe, Stage2Recipe
@@ -47,8 +47,11 @@ def _device(accelerator) -> torch.device:
     return accelerator.device if accelerator is not None else torch.device("cpu")
 
 
-def run_training(config: Config) -> Path:
-    """Train one stage as configured; returns the final checkpoint path."""
+def run_training(config: Config, context: TrackingContext | None = None) -> Path:
+    """Train one stage as configured; returns the final checkpoint path.
+
+    ``context``: the MLflow parent run and KFP tags of a pipeline step (default: this process's environment).
+    """
     from accelerate import Accelerator
 
     from lora_moe_core.model.loading import load_dits
@@ -76,11 +79,10 @@ def run_training(config: Config) -> Path:
         print(f"removed {removed} partial file(s) that an interrupted save left in {output_dir}")
     tracker = NullTracker()
     if accelerator.is_main_process:
-        # a pipeline step runs as a child of the pipeline's MLflow run (components set MLFLOW_PARENT_RUN_ID)
         tracker = start_tracker(run_name=f"{training.training_stage}-{output_dir.name}",
                                 experiment=training.experiment, output_dir=output_dir,
                                 tags={"stage": training.training_stage, "task": config.model.task},
-                                parent_run_id=os.environ.get("MLFLOW_PARENT_RUN_ID") or None)  # fmt: skip
+                                context=context)  # fmt: skip
     loop = TrainingLoop(config, recipe, entries, output_dir, tracker, device, accelerator.process_index,
                         accelerator.num_processes)  # fmt: skip
     if training.resume:

@@ -1,0 +1,70 @@
+"""The cache step (``lora-moe cache``, the pipeline's cache-latents): reuse a musubi cache or encode a shard."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lora_moe_core.cache.writer import CacheReport, CacheSettings
+from lora_moe_core.errors import UserError
+from lora_moe_core.storage.store import Storage
+
+
+@dataclass
+class CacheOutcome:
+    """What one cache step did: the counts, and whether a musubi cache was reused as it was."""
+
+    report: CacheReport
+    reused_musubi: bool
+
+    def line(self, source: str, output: str) -> str:
+        report = self.report
+        if self.reused_musubi:
+            return f"reused the musubi cache {source} without re-encoding: {report.clips} clips -> {output}"
+        return (f"cached {report.clips} clips from {report.written} videos, {report.skipped} up to date, "
+                f"{report.failed} failed -> {output}")  # fmt: skip
+
+
+def cache_dataset(
+    dataset_uri: str,
+    output: str,
+    settings: CacheSettings,
+    labels_uri: str | None = None,
+    shard: tuple[int, int] = (0, 1),
+    target_frames: Sequence[int] | None = None,
+    resolution: tuple[int, int] | None = None,
+    storage: Storage | None = None,
+) -> CacheOutcome:
+    """Encode every ``shard[1]``-th clip from ``shard[0]`` of a dataset into the latent cache at ``output``.
+
+    A musubi cache folder as ``dataset_uri`` is imported without re-encoding. ``labels_uri`` is the step-1
+    ``labels.jsonl`` (default: label the captions now); ``target_frames``/``resolution`` override the dataset's.
+
+    Raises:
+        UserError: labels for another dataset, an unreachable output bucket, too many undecodable videos.
+    """
+    from lora_moe_core.cache.writer import LatentCacher, import_musubi_cache, is_musubi_cache
+    from lora_moe_core.data.dataset import load_dataset
+    from lora_moe_core.data.labeling import label_records, read_labels
+    from lora_moe_core.data.vocabulary import Vocabulary
+    from lora_moe_core.model.loading import load_encoders
+    from lora_moe_core.storage.store import is_s3
+
+    storage = storage or Storage()
+    if is_musubi_cache(dataset_uri, storage):
+        return CacheOutcome(import_musubi_cache(dataset_uri, output, settings, storage), reused_musubi=True)
+    dataset = load_dataset(dataset_uri, storage)
+    if target_frames or resolution:
+        dataset.options.target_frames = list(target_frames or dataset.options.target_frames)
+        dataset.options.resolution = tuple(resolution or dataset.options.resolution)
+        dataset.options.validate("--target_frames/--resolution")
+    if labels_uri:
+        labels = read_labels(labels_uri, storage)
+    else:
+        labels = label_records(dataset, Vocabulary.from_builtin())[0]
+    if len(labels) != len(dataset.clips):
+        raise UserError(f"{labels_uri} has {len(labels)} lines but the dataset has {len(dataset.clips)} clips")
+    if is_s3(output):
+        storage.list(output)  # a missing bucket or a denied key fails now, not once per encoded video
+    cacher = LatentCacher(load_encoders(settings.task, settings.model), settings, output, storage)
+    return CacheOutcome(cacher.run(dataset, labels, shard), reused_musubi=False)

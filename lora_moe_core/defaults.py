@@ -1,0 +1,25 @@
+"""One home for the names and seed defaults that the CLI, the library and the pipelines share.
+
+Plain values only (no torch, no kfp): the Kubeflow layer imports this module to fill its parameter defaults.
+"""
+
+from __future__ import annotations
+
+#: Model families ``--task`` accepts (``lora_moe_core.model.wan.TASKS`` holds their shapes).
+TASK_NAMES: tuple[str, ...] = ("t2v-A14B", "tiny")
+DEFAULT_TASK = "t2v-A14B"
+
+#: LoRA key layouts ``convert-lora`` and ``export`` read and write.
+LORA_FORMATS: tuple[str, ...] = ("comfy", "diffusers", "musubi")
+#: Storage dtypes of written tensors, by their command-line names.
+DTYPE_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+#: The seed's inference multipliers (``infer --alpha_base 0.7 --alpha_expert 1.0``); ``export`` uses the same, so
+#: an exported per-instrument LoRA reproduces ``infer`` by default. Training runs at 1.0 (config ``alpha_base``).
+ALPHA_BASE = 0.7
+ALPHA_EXPERT = 1.0
+
+#: MLflow experiment of every run, and the registered model with the alias a new version gets.
+EXPERIMENT = "lora-moe"
+REGISTERED_MODEL = "lora-moe-surgical"
+REGISTRY_ALIAS = "candidate"
