@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lora_moe_core.defaults import EXPERIMENT, TASK_NAMES
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES, NUM_FAMILIES
 
@@ -29,7 +30,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which WAN2.2 model the adapters sit on."""
 
-    task: Literal["tiny", "t2v-A14B"] = Field(
+    task: Literal[TASK_NAMES] = Field(
         "t2v-A14B", description="model family: t2v-A14B (two 14B DiTs) or tiny (random, CPU tests and demo)"
     )
     model: str | None = Field(None, description="diffusers-layout model folder, local path or s3:// URI")
@@ -178,7 +179,7 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
-    experiment: str = Field("lora-moe", description="MLflow experiment name")
+    experiment: str = Field(EXPERIMENT, description="MLflow experiment name")
 
     @model_validator(mode="after")
     def _check_memory_modes(self) -> TrainingConfig:

@@ -10,7 +10,7 @@ TASK_NAMES: tuple[str, ...] = ("t2v-A14B", "tiny")
 DEFAULT_TASK = "t2v-A14B"
 
 #: LoRA key layouts ``convert-lora`` and ``export`` read and write.
-LORA_FORMATS: tuple[str, ...] = ("comfy", "diffusers", "musubi")
+LORA_FORMATS: tuple[str, ...] = ("musubi", "comfy", "diffusers")
 #: Storage dtypes of written tensors, by their command-line names.
 DTYPE_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 

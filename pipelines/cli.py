@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from lora_moe_core.defaults import EXPERIMENT
 from lora_moe_core.errors import UserError
 
 
@@ -96,7 +97,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", help="KFP namespace of a multi-user install (default: $KFP_NAMESPACE)")
     parser.add_argument("--pipeline", choices=("training", "inference"), default="training", help="which pipeline")
     parser.add_argument("--package", help="compiled pipeline YAML (default: compile now with the cluster settings)")
-    parser.add_argument("--experiment", default="lora-moe", help="KFP experiment (created when missing)")
+    parser.add_argument("--experiment", default=EXPERIMENT, help="KFP experiment (created when missing)")
     parser.add_argument(
         "--param",
         action="append",

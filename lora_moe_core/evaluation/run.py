@@ -20,12 +20,10 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.evaluation import metrics as evaluation
 from lora_moe_core.evaluation import report
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.families import family as family_entry
 from lora_moe_core.formats.lora_files import read_lora
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.context import TrackingContext
-
-SAMPLE_PROMPTS = {"Scissors": "腹腔镜下剪刀剪开组织", "Hook": "电凝钩切割组织", "Suction": "吸引器吸除积血",
-                  "Other": "抓钳提起胆囊"}  # fmt: skip
 
 
 @dataclass
@@ -105,8 +103,8 @@ def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier
     videos, flicker, hits, features = [], [], [], []
     for family in FAMILIES:
         for index in range(settings.samples_per_family):
-            route = session.route(SAMPLE_PROMPTS[family], instrument_hint=family)
-            clip = session.generate(SAMPLE_PROMPTS[family], route, seed=settings.seed + index,
+            route = session.route(family_entry(family).sample_prompt, instrument_hint=family)
+            clip = session.generate(family_entry(family).sample_prompt, route, seed=settings.seed + index,
                                     num_inference_steps=settings.sample_steps, height=height, width=width,
                                     num_frames=frames)  # fmt: skip
             path = out / "samples" / f"{family}_{index}.mp4"

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lora_moe_core.defaults import LORA_FORMATS
 from lora_moe_core.errors import UserError
 from lora_moe_core.formats.safetensors_io import read_safetensors, write_safetensors
 
-FORMATS: tuple[str, ...] = ("musubi", "comfy", "diffusers")
+FORMATS = LORA_FORMATS  # the one list, in the order auto-detection prefers on a tie
 WRITE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 #: The safetensors ``__metadata__`` key under which diffusers 0.42.1 stores the peft LoraConfig as JSON

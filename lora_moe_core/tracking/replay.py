@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_moe_core.defaults import EXPERIMENT
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import redact_url
 from lora_moe_core.tracking.tracker import _REJECTED_CODES, MLflowTracker, _Rejected, _set_http_defaults, _short
@@ -90,7 +91,7 @@ def _replay_tracker(path: Path, tracker_id: str, header: dict[str, Any], run_id:
     uri = tracking_uri or header.get("tracking_uri") or calls[0].get("tracking_uri")
     if not uri:
         raise UserError(f"{path}: no tracking URI recorded for tracker {tracker_id}; pass --tracking_uri")
-    tracker = MLflowTracker(uri, header.get("run_name") or calls[0]["run_name"], header.get("experiment", "lora-moe"),
+    tracker = MLflowTracker(uri, header.get("run_name") or calls[0]["run_name"], header.get("experiment", EXPERIMENT),
                             header.get("tags"), fallback_path=path, run_id=run_id)  # fmt: skip
     tracker.tracker_id, sent = tracker_id, None
     try:

@@ -42,7 +42,6 @@ from lora_moe_core.tracking.context import TrackingContext
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = EXPERIMENT
 FALLBACK_FILE = "tracking_fallback.jsonl"
 RETRY_INTERVAL_S = 60.0
 # Read by MLflow per request from os.environ (see the module doc); set only where the user has not.
@@ -188,7 +187,7 @@ class MLflowTracker(_TrackerContext):
         self,
         tracking_uri: str,
         run_name: str,
-        experiment: str = DEFAULT_EXPERIMENT,
+        experiment: str = EXPERIMENT,
         tags: dict[str, str] | None = None,
         fallback_path: str | Path = FALLBACK_FILE,
         retry_interval_s: float = RETRY_INTERVAL_S,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.training.monitor import MAX_EXPERT_USAGE
 
 
 def plot_history(history: list[dict[str, float]], output_dir: Path) -> list[Path]:
@@ -30,7 +31,8 @@ def plot_history(history: list[dict[str, float]], output_dir: Path) -> list[Path
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         for name in FAMILIES:
             left.plot(epochs, [record[f"usage.{name}"] for record in history], marker="o", label=name)
-        left.axhline(0.7, color="red", linestyle="--", linewidth=1, label="early-stop 70%")
+        left.axhline(MAX_EXPERT_USAGE, color="red", linestyle="--", linewidth=1,
+                     label=f"early-stop {MAX_EXPERT_USAGE:.0%}")  # fmt: skip
         left.set(xlabel="epoch", ylabel="mean gate", title="expert usage", ylim=(0, 1))
         left.legend(fontsize=8)
         for key in ("routing_entropy", "routing_accuracy"):
