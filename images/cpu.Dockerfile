@@ -24,9 +24,12 @@ RUN pip install pip==26.3 \
  && pip install --no-deps "$(grep '^torch==' /tmp/locks/requirements.lock)" --index-url https://download.pytorch.org/whl/cpu \
  && pip install -r /tmp/locks/requirements.lock
 
-# 2. The package and the KFP SDK at the version that compiles the pipeline.
+# 2. The package (lora_moe_core, components, pipelines: pyproject.toml packages all three) and the KFP SDK at the
+#    version that compiles the pipeline.
 COPY pyproject.toml README.md /src/
 COPY lora_moe_core /src/lora_moe_core
+COPY components /src/components
+COPY pipelines /src/pipelines
 RUN pip install --no-deps /src "kfp==2.17.3" \
  && pip check \
  && python -c "import importlib.metadata as m; assert m.version('kfp') == '2.17.3'; assert m.version('torch') == '2.13.0+cpu'"
@@ -50,7 +53,8 @@ RUN groupadd --gid 10001 lora \
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-COPY configs /app/configs
+# the real folder: configs/ at the repository root is a link to it
+COPY lora_moe_core/configs /app/configs
 
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/lora \

@@ -26,10 +26,13 @@ COPY requirements.lock images/trainer-cuda.lock /tmp/locks/
 RUN pip install pip==26.3 \
  && pip install -r /tmp/locks/requirements.lock -r /tmp/locks/trainer-cuda.lock
 
-# 2. The package itself (its dependencies are all locked above) and the KFP SDK at the version that compiles the
-#    pipeline (components run with install_kfp_package=False, so the image must carry kfp==<SDK version>).
+# 2. The package itself (lora_moe_core, components, pipelines: pyproject.toml packages all three; its dependencies
+#    are all locked above) and the KFP SDK at the version that compiles the pipeline (components run with
+#    install_kfp_package=False, so the image must carry kfp==<SDK version>).
 COPY pyproject.toml README.md /src/
 COPY lora_moe_core /src/lora_moe_core
+COPY components /src/components
+COPY pipelines /src/pipelines
 RUN pip install --no-deps /src "kfp==2.17.3" \
  && pip check \
  && python -c "import importlib.metadata as m; assert m.version('kfp') == '2.17.3'; assert m.version('torch').split('+')[0] == '2.13.0'"
@@ -53,7 +56,8 @@ RUN groupadd --gid 10001 lora \
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-COPY configs /app/configs
+# the real folder: configs/ at the repository root is a link to it
+COPY lora_moe_core/configs /app/configs
 
 # HF_HUB_OFFLINE: weights come from s3:// or a mounted folder, never from a hub at run time.
 # /cache: mount a volume here for model weights and latents (LORA_MOE_CACHE); /tmp must be writable too.

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_moe_core.config import resolve_config_path
 from lora_moe_core.defaults import REGISTERED_MODEL, REGISTRY_ALIAS
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import redact
@@ -76,10 +75,10 @@ class LocalRun:
             "synthetic_eval_clips": self.eval_clips,
             "synthetic_size": list(self.clip_size),
             "cache_shards": self.cache_shards,
-            "stage1_config": str(resolve_config_path(DEMO_STAGE1_CONFIG)),
+            "stage1_config": DEMO_STAGE1_CONFIG,
             "stage1_epochs": self.stage1_epochs,
             "stage1_learning_rate": training_section(DEMO_STAGE1_CONFIG)["learning_rate"],
-            "stage2_config": str(resolve_config_path(DEMO_STAGE2_CONFIG)),
+            "stage2_config": DEMO_STAGE2_CONFIG,
             "stage2_epochs": self.stage2_epochs,
             "stage2_learning_rate": training_section(DEMO_STAGE2_CONFIG)["learning_rate"],
             "seed": 0,

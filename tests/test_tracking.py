@@ -124,7 +124,9 @@ def test_server_run_params_metrics_artifacts_tags_and_parent(
     monkeypatch.setenv("KFP_RUN_ID", "kfp-1234")
     monkeypatch.setenv("KFP_RUN_NAME", "nightly")
     experiment = f"exp-{uuid.uuid4().hex[:8]}"
-    parent_id = start_parent_run("pipeline", TrackingContext(experiment=experiment), output_dir=tmp_path)
+    parent_id = start_parent_run(
+        "pipeline", TrackingContext(experiment, kfp_run_id="kfp-1234", kfp_run_name="nightly"), output_dir=tmp_path
+    )
     assert parent_id
     report = tmp_path / "metrics.json"
     report.write_text('{"fid": 1.5}')

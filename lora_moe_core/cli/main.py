@@ -181,7 +181,7 @@ def _sync_tracking(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lora_moe_core.cli.demo import run_demo
 
-    run_demo(args.output_dir, seed=args.seed)
+    run_demo(args.output_dir, seed=args.seed, num_videos=args.num_videos)
     return 0
 
 
@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="tiny end-to-end demo on CPU (what `make run` runs)")
     demo.add_argument("--output_dir", default="outputs/demo", help="where the demo writes its files")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--num_videos", type=int, default=32, help="synthetic training clips (held-out: 8)")
     demo.set_defaults(handler=_demo)
 
     sync = commands.add_parser("sync-tracking", help="send to MLflow what a run logged while the server was down")
