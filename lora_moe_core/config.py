@@ -165,7 +165,12 @@ class TrainingConfig(_Section):
     fp8_fast: bool = Field(
         False, description="with fp8_base: blocks before the first adapter run fp8 tensor-core matmuls (Hopper/Ada)"
     )
-    compile_blocks: bool = Field(False, description="regional torch.compile of the repeated DiT blocks (GPU)")
+    compile_blocks: bool = Field(
+        False, description="torch.compile the DiT blocks, one graph per kind of block (GPU; with any memory mode)"
+    )
+    attention_backend: Literal["auto", "sdpa", "cudnn", "flash", "efficient"] = Field(
+        "auto", description="attention kernel: auto = cudnn on a GPU (fastest on H200), sdpa = PyTorch's choice"
+    )
     timestep_sampling: Literal["uniform", "sigma", "logit_normal", "shift"] = Field(
         "shift", description="flow-matching timestep sampler"
     )
@@ -183,8 +188,6 @@ class TrainingConfig(_Section):
     def _check_memory_modes(self) -> TrainingConfig:
         if self.fp8_fast and not self.fp8_base:
             raise ValueError("fp8_fast needs fp8_base (the fast matmuls read the fp8 weights)")
-        if self.compile_blocks and self.blocks_to_swap:
-            raise ValueError("compile_blocks cannot be combined with blocks_to_swap (swaps change weights per call)")
         return self
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora_moe_core.acceleration import compile_blocks, set_attention_backend
 from lora_moe_core.checkpoint import load_network, network_state, save_checkpoint
 from lora_moe_core.config import Config
 from lora_moe_core.errors import UserError
@@ -39,8 +40,13 @@ class _FlowMatchingStep:
         for dit in self.unique_dits():
             if config.training.gradient_checkpointing:
                 dit.enable_gradient_checkpointing()
-            if config.training.compile_blocks:
-                dit.compile_repeated_blocks()  # one compiled graph serves all identical blocks
+            set_attention_backend(dit, config.training.attention_backend, device)
+
+    def compile(self) -> None:
+        """Compile the DiT blocks if configured; call once adapters are in place (they set the block kinds)."""
+        if self.config.training.compile_blocks:
+            for dit in self.unique_dits():
+                compile_blocks(dit)
 
     def unique_dits(self) -> list[nn.Module]:
         return list({id(d): d for d in self.dits.values()}.values())
@@ -80,6 +86,7 @@ class Stage1Recipe:
         self.network = LoRANetwork(targets, linear_shapes(dits["high"]), config.lora.lora_alpha).to(device)
         for dit in self.step.unique_dits():
             self.network.apply_to(dit)
+        self.step.compile()
         self.config = config
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -129,6 +136,7 @@ class Stage2Recipe:
         self.network.to(device).set_trainable(stage)
         for dit in self.step.unique_dits():
             self.network.apply_to(dit)
+        self.step.compile()
         self.classifier = classifier.to(device).requires_grad_(False) if classifier is not None else None
         if config.loss.use_identity_loss and self.classifier is None:
             raise UserError("use_identity_loss needs --classifier_weights (train one with `lora-moe train-classifier`)")
