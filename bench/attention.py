@@ -4,26 +4,35 @@
     python bench/attention.py --smoke                   # tiny shape on CPU (SDPA's math kernel): CI
 
 Each backend is one of the trainer's ``attention_backend`` values, run through PyTorch's SDPA with that kernel
-forced; "sage" (int8 QK, SageAttention 1's Triton kernels, forward only) is timed when the package is there,
-as the candidate for the blocks before the first adapter. Prints ms (median of CUDA-event-timed repeats),
-TFLOP/s and the relative error of the output against the math kernel in fp32 on a slice of the heads.
+forced. Forward-only candidates for the blocks before the first adapter are timed when their package is there:
+"fa3" and "fa3_fp8" (``frozen_attention``: FlashAttention-3's forward from ``fa3-fwd``, bf16 or per-head-scaled
+fp8 q/k/v, the quantisation included) and "sage" (int8 QK, SageAttention 1's Triton kernels).
+Prints ms (median of CUDA-event-timed repeats), TFLOP/s and the relative error of the output against the math
+kernel in fp32 on a slice of the heads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 KERNELS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
 
 
 def _attention(name: str):
+    if name in ("fa3", "fa3_fp8"):  # [B, S, H, D] layout
+        from lora_moe_core.frozen_attention import KERNELS
+
+        return lambda q, k, v: KERNELS[name](*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     if name == "sage":
         from sageattention import sageattn
 
@@ -62,7 +71,7 @@ def bench(name: str, q, k, v, reference, repeats: int) -> dict:
     error = ((out[:, :heads].float() - reference).norm() / reference.norm()).item()
     forward = _time_ms(lambda: attention(q, k, v), repeats)
     result = {"forward_ms": forward, "rel_error": error}
-    if name != "sage":
+    if name in KERNELS:
         grads = [t.detach().requires_grad_(True) for t in (q, k, v)]
         grad_out = torch.randn_like(q)
 
@@ -78,7 +87,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--tokens", type=int, default=32760)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--backends", default="sdpa,flash,cudnn,efficient,sage")
+    parser.add_argument("--backends", default="sdpa,flash,cudnn,efficient,sage,fa3,fa3_fp8")
     parser.add_argument("--json")
     args = parser.parse_args()
     device, dtype, heads, dim = torch.device("cuda"), torch.bfloat16, 40, 128

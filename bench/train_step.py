@@ -17,6 +17,8 @@ Options join a mode with "+" (e.g. ``ours+compile+fp8fast``), each through the t
   fp8fast   fp8 + fp8 tensor-core matmuls in the blocks before the first adapter (fp8_fast)
   swap      stream the first 20 blocks' weights from host memory (blocks_to_swap 20)
   nockpt    no gradient checkpointing (peak memory grows with the adapted blocks' activations)
+  fa3, fa3fp8  FlashAttention-3 forward (bf16, or fp8 q/k/v) in the blocks before the first adapter
+            (frozen_attention)
   sdpa, cudnn, flash, efficient   the attention kernel (attention_backend; ours and trainer default to sdpa
             here, PyTorch's own choice, so that plain ours stays the reference of the loss comparison)
 ("compiled" and "peft_compiled" are the older names of ours+compile and peft+compile.)
@@ -125,6 +127,7 @@ OPTIONS = {"compile": {"compile_blocks": True}, "fp8": {"fp8_base": True},
            "fp8fast": {"fp8_base": True, "fp8_fast": True}, "nockpt": {"gradient_checkpointing": False},
            "swap": {"blocks_to_swap": 20}}  # fmt: skip
 OPTIONS.update({name: {"attention_backend": name} for name in ("sdpa", "cudnn", "flash", "efficient")})
+OPTIONS.update({"fa3": {"frozen_attention": "fa3"}, "fa3fp8": {"frozen_attention": "fa3_fp8"}})
 ALIASES = {"compiled": "ours+compile", "peft_compiled": "peft+compile"}
 
 

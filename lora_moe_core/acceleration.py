@@ -34,9 +34,6 @@ VARIANTS_PER_KIND = 4
 # attention_backend → diffusers' attention dispatcher name. All of them differentiate (trained blocks need it).
 ATTENTION_BACKENDS = {"sdpa": "native", "cudnn": "_native_cudnn", "flash": "_native_flash",
                       "efficient": "_native_efficient"}  # fmt: skip
-# What "auto" picks on a CUDA GPU: the fastest at A14B scale on the H200 (BENCHMARKS.md, issue 16).
-AUTO_CUDA_BACKEND = "cudnn"
-
 _kinds: set[tuple] = set()  # every block kind compiled in this process (Dynamo's cache is process-wide)
 _compiled: dict[tuple, Callable] = {}  # one compiled forward per block class and compile options
 
@@ -78,20 +75,15 @@ def compile_blocks(dit: nn.Module, **compile_options) -> int:
     return config.recompile_limit
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """The concrete backend for ``name`` on ``device`` ("auto": the measured fastest on CUDA, SDPA elsewhere)."""
-    if name == "auto":
-        return AUTO_CUDA_BACKEND if device.type == "cuda" else "sdpa"
+def set_attention_backend(dit: nn.Module, name: str, device: torch.device) -> None:
+    """Force every attention of ``dit`` through the SDPA kernel ``name`` ("sdpa": let PyTorch choose).
+
+    On the H200 with torch 2.11, PyTorch's own choice already is cuDNN's kernel, and forcing it adds a copy of
+    q/k/v (BENCHMARKS.md, issue 16); the other kernels are there to compare and for other cards.
+    """
     if name not in ATTENTION_BACKENDS:
-        raise UserError(f"unknown attention_backend '{name}'; valid: auto, {', '.join(ATTENTION_BACKENDS)}")
+        raise UserError(f"unknown attention_backend '{name}'; valid: {', '.join(ATTENTION_BACKENDS)}")
     if name != "sdpa" and device.type != "cuda":
-        raise UserError(f"attention_backend {name} needs a CUDA GPU; use sdpa (or auto) on {device.type}")
-    return name
-
-
-def set_attention_backend(dit: nn.Module, name: str, device: torch.device) -> str:
-    """Route every attention of ``dit`` through the backend ``name`` resolves to; returns that backend."""
-    backend = resolve_attention_backend(name, device)
-    if backend != "sdpa":  # diffusers' default already is plain SDPA
-        dit.set_attention_backend(ATTENTION_BACKENDS[backend])
-    return backend
+        raise UserError(f"attention_backend {name} needs a CUDA GPU; use sdpa on {device.type}")
+    if name != "sdpa":  # diffusers' default already is plain SDPA
+        dit.set_attention_backend(ATTENTION_BACKENDS[name])

@@ -168,8 +168,11 @@ class TrainingConfig(_Section):
     compile_blocks: bool = Field(
         False, description="torch.compile the DiT blocks, one graph per kind of block (GPU; with any memory mode)"
     )
-    attention_backend: Literal["auto", "sdpa", "cudnn", "flash", "efficient"] = Field(
-        "auto", description="attention kernel: auto = cudnn on a GPU (fastest on H200), sdpa = PyTorch's choice"
+    attention_backend: Literal["sdpa", "cudnn", "flash", "efficient"] = Field(
+        "sdpa", description="attention kernel of every block: sdpa = PyTorch's choice (cuDNN's on an H200), or forced"
+    )
+    frozen_attention: Literal["off", "fa3", "fa3_fp8"] = Field(
+        "off", description="self-attention of the blocks before the first adapter: FlashAttention-3 (pip fa3-fwd)"
     )
     timestep_sampling: Literal["uniform", "sigma", "logit_normal", "shift"] = Field(
         "shift", description="flow-matching timestep sampler"

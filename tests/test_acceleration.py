@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from lora_moe_core.acceleration import VARIANTS_PER_KIND, block_kind, compile_blocks, resolve_attention_backend
+from lora_moe_core.acceleration import VARIANTS_PER_KIND, block_kind, compile_blocks, set_attention_backend
 from lora_moe_core.config import load_config
 from lora_moe_core.errors import UserError
 from lora_moe_core.memory import DiTPlacement, FP8Linear
@@ -76,11 +76,35 @@ def test_compiled_graphs_do_not_grow_with_the_number_of_blocks(modes):
     assert losses8 == pytest.approx(_train(8, False, **modes)[0], rel=1e-5)
 
 
-def test_attention_backend_auto_is_sdpa_off_the_gpu_and_gpu_kernels_refuse_the_cpu():
-    assert resolve_attention_backend("auto", torch.device("cpu")) == "sdpa"
-    assert resolve_attention_backend("auto", torch.device("cuda")) == "cudnn"
+def test_gpu_attention_kernels_refuse_the_cpu_and_compile_combines_with_block_swap():
     with pytest.raises(UserError, match="needs a CUDA GPU"):
-        resolve_attention_backend("cudnn", torch.device("cpu"))
+        set_attention_backend(_dit(1), "cudnn", torch.device("cpu"))
     with pytest.raises(UserError, match="bad value for 'training.attention_backend'"):
         load_config(None, {"attention_backend": "xformers"})
     assert load_config(None, {"compile_blocks": True, "blocks_to_swap": 20}).training.blocks_to_swap == 20
+
+
+def test_frozen_attention_runs_its_kernel_only_where_no_gradient_flows():
+    from lora_moe_core.frozen_attention import set_frozen_attention
+
+    calls = []
+
+    def kernel(query, key, value):  # [B, S, H, D]: the processor's layout for FlashAttention-3
+        calls.append(query.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (query, key, value)))
+        return out.transpose(1, 2)
+
+    dit, reference = _dit(2), _dit(2)
+    with pytest.raises(UserError, match="needs a Hopper GPU"):
+        set_frozen_attention(dit, "fa3_fp8", torch.device("cpu"))
+    set_frozen_attention(dit, "fa3", torch.device("cpu"), kernel=kernel)
+    generator = torch.Generator().manual_seed(3)
+    inputs = {"hidden_states": torch.randn(1, 16, 2, 8, 8, generator=generator), "timestep": torch.tensor([500.0]),
+              "encoder_hidden_states": torch.randn(1, 8, 16, generator=generator)}  # fmt: skip
+    with torch.no_grad():
+        out, ref = dit(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0]
+    assert len(calls) == 2  # both blocks' self-attention (cross-attention keeps its processor)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    inputs["hidden_states"].requires_grad_(True)  # now every block is differentiated: the kernel must not run
+    dit(**inputs, return_dict=False)[0].sum().backward()
+    assert len(calls) == 2 and inputs["hidden_states"].grad is not None

@@ -17,6 +17,7 @@ from lora_moe_core.acceleration import compile_blocks, set_attention_backend
 from lora_moe_core.checkpoint import load_network, network_state, save_checkpoint
 from lora_moe_core.config import Config
 from lora_moe_core.errors import UserError
+from lora_moe_core.frozen_attention import set_frozen_attention
 from lora_moe_core.lora_formats import LoRAFile, read_lora, write_lora
 from lora_moe_core.network import LoRANetwork, build_network, module_key
 from lora_moe_core.routing import teacher_distribution
@@ -41,6 +42,7 @@ class _FlowMatchingStep:
             if config.training.gradient_checkpointing:
                 dit.enable_gradient_checkpointing()
             set_attention_backend(dit, config.training.attention_backend, device)
+            set_frozen_attention(dit, config.training.frozen_attention, device)
 
     def compile(self) -> None:
         """Compile the DiT blocks if configured; call once adapters are in place (they set the block kinds)."""
