@@ -30,9 +30,9 @@ KERNELS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBacken
 
 def _attention(name: str):
     if name in ("fa3", "fa3_fp8"):  # [B, S, H, D] layout
-        from lora_moe_core.frozen_attention import KERNELS
+        from lora_moe_core.frozen_attention import KERNELS as FORWARD_ONLY
 
-        return lambda q, k, v: KERNELS[name](*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        return lambda q, k, v: FORWARD_ONLY[name](*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     if name == "sage":
         from sageattention import sageattn
 
