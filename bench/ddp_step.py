@@ -37,6 +37,8 @@ class StepTimes:
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
+        self.losses: list[float] = []
+        self.trainable = 0
 
     def log_params(self, params) -> None: ...
     def log_artifact(self, path, artifact_path=None) -> None: ...
@@ -46,6 +48,7 @@ class StepTimes:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if "step/step_time_s" in metrics:
             self.step_times.append(metrics["step/step_time_s"])
+            self.losses.append(metrics["step/loss"])
 
 
 def synthetic_entries(task: str, count: int, frames: int, height: int, width: int) -> list[CacheEntry]:
@@ -66,11 +69,6 @@ def synthetic_entries(task: str, count: int, frames: int, height: int, width: in
 def run_rank(args) -> dict | None:
     import torch.distributed as dist
 
-    from lora_moe_core.model.classifier import InstrumentClassifier
-    from lora_moe_core.training import loop as loop_module
-    from lora_moe_core.training.loop import TrainingLoop
-    from lora_moe_core.training.recipes import Stage2Recipe
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = not args.smoke
     if cuda:
@@ -80,21 +78,7 @@ def run_rank(args) -> dict | None:
         dist.init_process_group("nccl" if cuda else "gloo")
     task = "tiny" if args.smoke else "t2v-A14B"
     dit = build_dit(task, device, torch.bfloat16 if cuda else torch.float32)
-    base = load_config(None, {"task": task, "mixed_precision": "bf16" if cuda else "no"})
-    folder = Path(tempfile.mkdtemp(prefix=f"ddp_bench_{rank}_"))
-    stage1 = random_stage1(task, linear_shapes(dit), base, folder)
-    config = load_config(None, {**_overrides(base), "base_lora_weights": str(stage1), "batch_size": 1,
-                                "gradient_accumulation_steps": args.accumulation, "num_train_epochs": 1,
-                                "max_train_steps": args.warmup + args.steps, "output_dir": str(folder)})  # fmt: skip
-    recipe = Stage2Recipe(config, {"high": dit, "low": dit}, device, classifier=InstrumentClassifier().to(device))
-    if world > 1:
-        recipe.gather = _all_gather
-    micro_batches = (args.warmup + args.steps) * args.accumulation * world
-    entries = synthetic_entries(task, micro_batches, args.frames, args.height, args.width)
-    tracker = StepTimes()
-    loop_module.plot_history = lambda history, folder: []  # end-of-run PNGs are no part of a step (no matplotlib)
-    loop = TrainingLoop(config, recipe, entries, folder, tracker, device, rank, world)
-    loop.run()
+    tracker = train_with_loop(task, dit, {}, args, device, rank, world)
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
@@ -106,6 +90,39 @@ def run_rank(args) -> dict | None:
     print(f"world {world}: {seconds:.3f} s/step (median of {len(timed)}), {samples:.3f} clips/s, {name}")
     return {"world_size": world, "s_per_step": seconds, "clips_per_s": samples, "device": name,
             "step_times": tracker.step_times, "accumulation": args.accumulation}  # fmt: skip
+
+
+def train_with_loop(task: str, dit, options: dict, args, device: torch.device, rank: int = 0,
+                    world: int = 1) -> StepTimes:  # fmt: skip
+    """``warmup + steps`` optimizer steps of the trainer's own code: ``run.prepare_recipe`` and ``TrainingLoop``.
+
+    Args:
+        options: trainer config overrides (memory modes, ``compile_blocks``, ``attention_backend``).
+    """
+    from lora_moe_core.model.classifier import InstrumentClassifier
+    from lora_moe_core.training import loop as loop_module
+    from lora_moe_core.training.loop import TrainingLoop
+    from lora_moe_core.training.run import prepare_recipe
+
+    cuda = device.type == "cuda"
+    base = load_config(None, {"task": task, "mixed_precision": "bf16" if cuda else "no"})
+    folder = Path(tempfile.mkdtemp(prefix=f"ddp_bench_{rank}_"))
+    stage1 = random_stage1(task, linear_shapes(dit), base, folder)
+    accumulation = getattr(args, "accumulation", 1)
+    config = load_config(None, {**_overrides(base), "base_lora_weights": str(stage1), "batch_size": 1,
+                                "gradient_accumulation_steps": accumulation, "num_train_epochs": 1,
+                                "max_train_steps": args.warmup + args.steps, "output_dir": str(folder),
+                                **options})  # fmt: skip
+    micro_batches = (args.warmup + args.steps) * accumulation * world
+    entries = synthetic_entries(task, micro_batches, args.frames, args.height, args.width)
+    recipe = prepare_recipe(config, {"high": dit, "low": dit}, device, entries, InstrumentClassifier().to(device))
+    if world > 1:
+        recipe.gather = _all_gather
+    tracker = StepTimes()
+    loop_module.plot_history = lambda history, folder: []  # end-of-run PNGs are no part of a step (no matplotlib)
+    TrainingLoop(config, recipe, entries, folder, tracker, device, rank, world).run()
+    tracker.trainable = sum(p.numel() for p in recipe.trainable_parameters())
+    return tracker
 
 
 def _all_gather(tensor: torch.Tensor) -> torch.Tensor:

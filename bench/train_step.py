@@ -8,14 +8,23 @@ Modes (each on a freshly built DiT with random bf16 weights, gradient checkpoint
   peft   diffusers + peft vanilla LoRA on the seed's targets (backward stops at the first adapted block)
   ours   our Stage-2 step: base LoRA + 4 fused experts + router + timestep gates, every loss of the seed on
   loop   ours with a per-expert Python loop instead of the fused product pair (the design we rejected)
+  trainer  ours through the trainer's own code (run.prepare_recipe + TrainingLoop over an in-memory cache);
+         its batches differ from ours', so only its time compares
 Options join a mode with "+" (e.g. ``ours+compile+fp8fast``), each through the trainer's own config:
-  compile   regional torch.compile of the repeated DiT blocks (compile_blocks)
+  compile   torch.compile of the DiT blocks, one graph per kind of block (compile_blocks); peft+compile
+            uses diffusers' compile_repeated_blocks, as a peft user would
   fp8       frozen block linears stored in fp8 e4m3, per-channel scales (fp8_base)
   fp8fast   fp8 + fp8 tensor-core matmuls in the blocks before the first adapter (fp8_fast)
+  swap      stream the first 20 blocks' weights from host memory (blocks_to_swap 20)
   nockpt    no gradient checkpointing (peak memory grows with the adapted blocks' activations)
+  fa3, fa3fp8  FlashAttention-3 forward (bf16, or fp8 q/k/v) in the blocks before the first adapter
+            (frozen_attention)
+  sdpa, cudnn, flash, efficient   the attention kernel (attention_backend; ours and trainer default to sdpa
+            here, PyTorch's own choice, so that plain ours stays the reference of the loss comparison)
 ("compiled" and "peft_compiled" are the older names of ours+compile and peft+compile.)
-Prints s/step (median), peak GiB, achieved TFLOP/s on the FLOPs that must be done, ratios, and each ours
-variant's loss against plain ours on the same batches.
+Prints s/step (median), peak GiB, achieved TFLOP/s on the FLOPs that must be done, compiled graphs, ratios,
+and each ours variant's loss against plain ours on the same batches. Dynamo is reset between modes and a
+recompile-limit hit is an error, so no figure can come from blocks that silently ran uncompiled.
 """
 
 from __future__ import annotations
@@ -115,14 +124,17 @@ def run_peft(task, dit, config, latents, text, full_backprop: bool, dtype):
 
 
 OPTIONS = {"compile": {"compile_blocks": True}, "fp8": {"fp8_base": True},
-           "fp8fast": {"fp8_base": True, "fp8_fast": True}, "nockpt": {"gradient_checkpointing": False}}  # fmt: skip
+           "fp8fast": {"fp8_base": True, "fp8_fast": True}, "nockpt": {"gradient_checkpointing": False},
+           "swap": {"blocks_to_swap": 20}}  # fmt: skip
+OPTIONS.update({name: {"attention_backend": name} for name in ("sdpa", "cudnn", "flash", "efficient")})
+OPTIONS.update({"fa3": {"frozen_attention": "fa3"}, "fa3fp8": {"frozen_attention": "fa3_fp8"}})
 ALIASES = {"compiled": "ours+compile", "peft_compiled": "peft+compile"}
 
 
 def parse_mode(mode: str) -> tuple[str, dict]:
     """``"ours+compile+fp8fast"`` → ``("ours", {config overrides})``."""
     base, *options = ALIASES.get(mode, mode).split("+")
-    overrides: dict = {}
+    overrides: dict = {"attention_backend": "sdpa"} if base in ("ours", "loop", "trainer") else {}
     for option in options:
         overrides.update(OPTIONS[option])
     return base, overrides
@@ -139,11 +151,13 @@ def run_ours(task, dit, config, latents, text, loop_experts: bool, folder: Path,
     stage1 = random_stage1(task, linear_shapes(dit), config, folder)
     config = load_config(None, {**_overrides(config), "base_lora_weights": str(stage1), **(options or {})})
     training = config.training
-    DiTPlacement({"high": dit, "low": dit}, device, fp8_base=training.fp8_base, fp8_fast=training.fp8_fast)
+    placement = DiTPlacement({"high": dit, "low": dit}, device, fp8_base=training.fp8_base,
+                             fp8_fast=training.fp8_fast, blocks_to_swap=training.blocks_to_swap)  # fmt: skip
     if not training.gradient_checkpointing:
         dit.disable_gradient_checkpointing()
     classifier = InstrumentClassifier().to(device)
     recipe = Stage2Recipe(config, {"high": dit, "low": dit}, device, classifier=classifier)
+    placement.check_backward(training.gradient_checkpointing)
     if loop_experts:
         _use_expert_loop(dit)
     optimizer = torch.optim.AdamW(recipe.trainable_parameters(), lr=1e-5)
@@ -220,6 +234,44 @@ def shape_parser(doc: str, steps: int, warmup: int) -> argparse.ArgumentParser:
     return parser
 
 
+def run_mode(mode: str, args, task: str, device: torch.device, dtype: torch.dtype, config, folder: Path) -> dict:
+    """One mode on a freshly built DiT and a fresh Dynamo cache: s/step, peak GiB, loss, compiled graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # graphs of the previous mode must not count against this one's recompile limit
+    counters.clear()
+    base, options = parse_mode(mode)
+    dit = build_dit(task, device, dtype)
+    latents, text = _inputs(task, args.frames, args.height, args.width, device)
+    if base == "trainer":
+        from ddp_step import train_with_loop
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        tracker = train_with_loop(task, dit, options, args, device)
+        seconds, loss = statistics.median(tracker.step_times[args.warmup :]), tracker.losses[-1]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        trainable = tracker.trainable
+    else:
+        if base in ("full", "peft"):
+            step, trainable = run_peft(task, dit, config, latents, text, base == "full", torch.bfloat16)
+            if options.get("compile_blocks"):
+                dit.compile_repeated_blocks()  # diffusers' regional torch.compile, as a peft user would
+            if options.get("gradient_checkpointing") is False:
+                dit.disable_gradient_checkpointing()
+        else:
+            step, trainable = run_ours(task, dit, config, latents, text, base == "loop", folder, options)
+        seconds, peak, loss = measure(step, args.warmup, args.steps, device)
+        del step
+    result = {"s_per_step": seconds, "peak_gib": peak, "trainable_params": trainable, "loss": loss,
+              "compiled_graphs": counters["stats"]["unique_graphs"], "blocks": len(dit.blocks),
+              "options": options}  # fmt: skip
+    del dit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     parser = shape_parser(__doc__, steps=5, warmup=2)
     parser.add_argument("--modes", default="full,peft,ours,loop")
@@ -231,31 +283,18 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = load_config(None, {"task": task, "mixed_precision": "bf16" if device.type == "cuda" else "no"})
     tokens = (1 + (args.frames - 1) // 4) * (args.height // 16) * (args.width // 16)
-    results = {}
     folder = Path("/tmp/lora_moe_bench")
     folder.mkdir(exist_ok=True)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time blocks that fell back to eager
+    results = {}
     for mode in args.modes.split(","):
-        base, options = parse_mode(mode)
-        dit = build_dit(task, device, dtype)
-        latents, text = _inputs(task, args.frames, args.height, args.width, device)
-        if base in ("full", "peft"):
-            step, trainable = run_peft(task, dit, config, latents, text, base == "full", torch.bfloat16)
-            if options.get("compile_blocks"):
-                dit.compile_repeated_blocks()  # regional torch.compile of the 40 identical blocks
-            if options.get("gradient_checkpointing") is False:
-                dit.disable_gradient_checkpointing()
-        else:
-            step, trainable = run_ours(task, dit, config, latents, text, base == "loop", folder, options)
-        seconds, peak, loss = measure(step, args.warmup, args.steps, device)
-        blocks = len(dit.blocks) if base == "full" else 8
-        flops = flops_per_step(task, tokens, 512, min(blocks, len(dit.blocks)))
-        results[mode] = {"s_per_step": seconds, "peak_gib": peak, "tflops": flops / seconds / 1e12,
-                         "trainable_params": trainable, "loss": loss}  # fmt: skip
-        print(f"{mode:20s} {seconds:8.3f} s/step  peak {peak:6.1f} GiB  {flops / seconds / 1e12:7.1f} TFLOP/s  "
-              f"trainable {trainable / 1e6:6.2f} M  loss {loss:.4f}", flush=True)  # fmt: skip
-        del dit, step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        results[mode] = run_mode(mode, args, task, device, dtype, config, folder)
+        result, seconds = results[mode], results[mode]["s_per_step"]
+        flops = flops_per_step(task, tokens, 512, min(40 if mode.startswith("full") else 8, result["blocks"]))
+        result["tflops"] = flops / seconds / 1e12
+        print(f"{mode:30s} {seconds:8.3f} s/step  peak {result['peak_gib']:6.1f} GiB  {result['tflops']:7.1f} TFLOP/s  "
+              f"trainable {result['trainable_params'] / 1e6:6.2f} M  graphs {result['compiled_graphs']:3d}  "
+              f"loss {result['loss']:.4f}", flush=True)  # fmt: skip
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     size = f"{args.frames}x{args.height}x{args.width}"
     print(f"\ndevice {name}, task {task}, {size} = {tokens} tokens, torch {torch.__version__}")
@@ -266,12 +305,17 @@ def main() -> None:
     if "loop" in results and "ours" in results:
         print(f"loop / ours      = {results['loop']['s_per_step'] / results['ours']['s_per_step']:.3f}")
     for mode, result in results.items():
-        if mode.startswith(("ours+", "compiled")) and "peft" in results:
+        if mode.startswith(("ours+", "compiled", "trainer", "peft+")) and "peft" in results:
             ratio = result["s_per_step"] / results["peft"]["s_per_step"]
-            change = result["loss"] / results["ours"]["loss"] - 1 if "ours" in results else float("nan")
-            print(f"{mode} / peft = {ratio:.3f}; loss vs plain bf16 ours on the same batches: {change:+.2%}")
+            same_batches = mode.startswith(("ours+", "compiled")) and "ours" in results
+            change = f"{result['loss'] / results['ours']['loss'] - 1:+.3%}" if same_batches else "n/a"
+            print(f"{mode} / peft = {ratio:.3f}; loss vs plain bf16 ours on the same batches: {change}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "tokens": tokens, "results": results}, indent=2))
+        import diffusers
+
+        versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+        payload = {"device": name, "tokens": tokens, "versions": versions, "results": results}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

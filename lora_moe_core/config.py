@@ -167,7 +167,15 @@ class TrainingConfig(_Section):
     fp8_fast: bool = Field(
         False, description="with fp8_base: blocks before the first adapter run fp8 tensor-core matmuls (Hopper/Ada)"
     )
-    compile_blocks: bool = Field(False, description="regional torch.compile of the repeated DiT blocks (GPU)")
+    compile_blocks: bool = Field(
+        False, description="torch.compile the DiT blocks, one graph per kind of block (GPU; with any memory mode)"
+    )
+    attention_backend: Literal["sdpa", "cudnn", "flash", "efficient"] = Field(
+        "sdpa", description="attention kernel of every block: sdpa = PyTorch's choice (cuDNN's on an H200), or forced"
+    )
+    frozen_attention: Literal["off", "fa3", "fa3_fp8"] = Field(
+        "off", description="self-attention of the blocks before the first adapter: FlashAttention-3 (pip fa3-fwd)"
+    )
     timestep_sampling: Literal["uniform", "sigma", "logit_normal", "shift"] = Field(
         "shift", description="flow-matching timestep sampler"
     )
@@ -185,8 +193,6 @@ class TrainingConfig(_Section):
     def _check_memory_modes(self) -> TrainingConfig:
         if self.fp8_fast and not self.fp8_base:
             raise ValueError("fp8_fast needs fp8_base (the fast matmuls read the fp8 weights)")
-        if self.compile_blocks and self.blocks_to_swap:
-            raise ValueError("compile_blocks cannot be combined with blocks_to_swap (swaps change weights per call)")
         return self
 
 

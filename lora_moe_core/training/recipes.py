@@ -19,6 +19,8 @@ from lora_moe_core.adapters.routing import teacher_distribution
 from lora_moe_core.config import Config
 from lora_moe_core.errors import UserError
 from lora_moe_core.formats.lora_files import LoRAFile, read_lora, write_lora
+from lora_moe_core.model.acceleration import compile_blocks, set_attention_backend
+from lora_moe_core.model.frozen_attention import set_frozen_attention
 from lora_moe_core.model.wan import get_task, linear_shapes, resolve_targets
 from lora_moe_core.training import flow_matching as fm
 from lora_moe_core.training import losses
@@ -39,8 +41,14 @@ class _FlowMatchingStep:
         for dit in self.unique_dits():
             if config.training.gradient_checkpointing:
                 dit.enable_gradient_checkpointing()
-            if config.training.compile_blocks:
-                dit.compile_repeated_blocks()  # one compiled graph serves all identical blocks
+            set_attention_backend(dit, config.training.attention_backend, device)
+            set_frozen_attention(dit, config.training.frozen_attention, device)
+
+    def compile(self) -> None:
+        """Compile the DiT blocks if configured; call once adapters are in place (they set the block kinds)."""
+        if self.config.training.compile_blocks:
+            for dit in self.unique_dits():
+                compile_blocks(dit)
 
     def unique_dits(self) -> list[nn.Module]:
         return list({id(d): d for d in self.dits.values()}.values())
@@ -80,6 +88,7 @@ class Stage1Recipe:
         self.network = LoRANetwork(targets, linear_shapes(dits["high"]), config.lora.lora_alpha).to(device)
         for dit in self.step.unique_dits():
             self.network.apply_to(dit)
+        self.step.compile()
         self.config = config
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -129,6 +138,7 @@ class Stage2Recipe:
         self.network.to(device).set_trainable(stage)
         for dit in self.step.unique_dits():
             self.network.apply_to(dit)
+        self.step.compile()
         self.classifier = classifier.to(device).requires_grad_(False) if classifier is not None else None
         if config.loss.use_identity_loss and self.classifier is None:
             raise UserError("use_identity_loss needs --classifier_weights (train one with `lora-moe train-classifier`)")

@@ -66,11 +66,7 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = _device(accelerator)
     dits = load_dits(config.model.task, config.model.model, dtype=weights_dtype(training, device))
-    placement = DiTPlacement(dits, device, training.offload_inactive_dit, training.fp8_base, training.blocks_to_swap,
-                             training.fp8_fast)  # fmt: skip
-    recipe = _recipe(config, dits, device, entries)
-    placement.check_backward(training.gradient_checkpointing)
-    recipe.step.before_dit = placement.activate
+    recipe = prepare_recipe(config, dits, device, entries)
     if accelerator.num_processes > 1:
         recipe.gather = accelerator.gather  # gate statistics over every rank's samples
     output_dir = Path(training.output_dir)
@@ -104,11 +100,26 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     return final
 
 
-def _recipe(config: Config, dits, device: torch.device, entries: list[CacheEntry]):
+def prepare_recipe(config: Config, dits, device: torch.device, entries: list[CacheEntry],
+                   classifier: torch.nn.Module | None = None):  # fmt: skip
+    """The DiTs placed as the memory modes ask, the stage's recipe on them (adapters, attention, compiled blocks).
+
+    Args:
+        classifier: the instrument classifier, instead of loading ``--classifier_weights`` (benchmarks).
+    """
+    training = config.training
+    placement = DiTPlacement(dits, device, training.offload_inactive_dit, training.fp8_base, training.blocks_to_swap,
+                             training.fp8_fast)  # fmt: skip
+    recipe = _recipe(config, dits, device, entries, classifier)
+    placement.check_backward(training.gradient_checkpointing)
+    recipe.step.before_dit = placement.activate
+    return recipe
+
+
+def _recipe(config: Config, dits, device: torch.device, entries: list[CacheEntry], classifier=None):
     if config.training.training_stage == "stage_a":
         return Stage1Recipe(config, dits, device)
-    classifier = None
-    if config.loss.classifier_weights:
+    if classifier is None and config.loss.classifier_weights:
         from lora_moe_core.model.classifier import load_classifier
 
         classifier = load_classifier(config.loss.classifier_weights)
