@@ -7,10 +7,12 @@ system allows (255 bytes on ext4) are a one-line error, not an ``OSError 36`` tr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lora_moe_core.errors import UserError
@@ -69,6 +71,31 @@ def check_output_name(path: str | os.PathLike[str], what: str = "output") -> Non
     if len(os.fsencode(name)) > 255 - len(".tmp") - 12:  # room for the temp name an atomic write uses
         raise UserError(f"{what} {_short(Path(path))}: file name too long ({len(os.fsencode(name))} bytes; "
                         "at most 239 bytes per name)")  # fmt: skip
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create ``folder`` (and missing parents) for a command's outputs; when the block raises, remove the folders
+    this call created, so that a failed command leaves nothing behind. A folder that existed is left as it was.
+
+    Raises:
+        UserError: when the folder cannot be created.
+    """
+    folder = Path(folder)
+    top = folder.absolute()
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent  # the highest folder that this call creates
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {_short(folder)}: {os_reason(exc)}") from None
+    try:
+        yield folder
+    except BaseException:
+        if created:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def _short(path: Path) -> str:
