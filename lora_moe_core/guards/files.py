@@ -43,7 +43,7 @@ def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> Path
         reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
         raise UserError(f"cannot read {what} {_short(path)}: {reason}") from None
     if stat.S_ISDIR(mode):
-        raise UserError(f"{what} {path} is a folder, not a file")
+        raise UserError(f"{what} {path} is a directory, not a file")
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
         raise UserError(f"{what} {path} is {kind}, not a regular file (reading it could block forever)")
