@@ -129,9 +129,9 @@ class ClusterSettings:
 
     def validate(self) -> ClusterSettings:
         """Raise :class:`SettingsError` (one line) on anything Kubernetes or the registry would refuse."""
-        if not images.TAG_PATTERN.match(self.image_tag):
+        if not images.TAG_PATTERN.fullmatch(self.image_tag):
             raise SettingsError(f"invalid image tag {self.image_tag!r}: letters, digits, '_', '.', '-', at most 128")
-        if not self.image_registry or any(c.isspace() for c in self.image_registry):
+        if not self.image_registry or any(c.isspace() or not c.isprintable() for c in self.image_registry):
             raise SettingsError(f"invalid image registry {self.image_registry!r}")
         for what, name in (
             ("MinIO credentials secret", self.s3_secret),
@@ -150,8 +150,9 @@ class ClusterSettings:
                     f"{what} holds credentials (user:password@): put them in the Secret {secret!r} and give only "
                     f"the address after the '@' ({url.rpartition('@')[2]})"
                 )
-            if url and not _URL.match(url):
+            if url and not _URL.fullmatch(url):
                 raise SettingsError(f"{what} {url!r} must look like http://host:port")
+        _check_resource_name(self.accelerator_type)
         if self.run_as_user <= 0:
             raise SettingsError(f"run-as user {self.run_as_user} must be a non-root uid (> 0), e.g. {IMAGE_UID}")
         if not self.gpu_node_selector:
@@ -169,24 +170,33 @@ class ClusterSettings:
             ("CPU-step CPU request", self.cpu_cpu_request),
             ("CPU-step memory request", self.cpu_memory_request),
         ):
-            if not _QUANTITY.match(quantity):
+            if not _QUANTITY.fullmatch(quantity):
                 raise SettingsError(f"{what} {quantity!r} is not a Kubernetes quantity (e.g. 500m, 8, 64Gi)")
         if (
             min(self.train_timeout_s, self.gpu_timeout_s, self.cpu_timeout_s) <= 0
             or min(self.gpu_retries, self.cpu_retries) < 0
         ):
             raise SettingsError("timeouts must be > 0 seconds and retries >= 0")
-        if not _DURATION.match(self.retry_backoff):
+        if not _DURATION.fullmatch(self.retry_backoff):
             raise SettingsError(f"retry backoff {self.retry_backoff!r} must look like 120s, 5m or 1h")
         return self
 
 
 def _check_dns1123(what: str, name: str) -> None:
-    if not name or len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+    if not name or len(name) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(name):
         raise SettingsError(
             f"{what} name {name!r} is not a valid Kubernetes name "
             "(DNS-1123: lowercase letters, digits, '-' and '.', starting and ending alphanumeric)"
         )
+
+
+def _check_resource_name(name: str) -> None:
+    """An extended resource name such as ``nvidia.com/gpu`` or ``amd.com/gpu``: a DNS-1123 domain, '/', a label
+    name. Anything else (a newline, a space, YAML) would be refused by Kubernetes only when a GPU step starts."""
+    domain, slash, resource = name.partition("/")
+    if not (slash and _DNS1123_SUBDOMAIN.fullmatch(domain) and len(resource) <= 63 and resource
+            and _LABEL_NAME.fullmatch(resource)):  # fmt: skip
+        raise SettingsError(f"accelerator type {name!r} is not a Kubernetes resource name such as nvidia.com/gpu")
 
 
 def _check_label(key: str, value: str) -> None:
@@ -194,11 +204,11 @@ def _check_label(key: str, value: str) -> None:
     if (
         not name
         or len(name) > 63
-        or not _LABEL_NAME.match(name)
-        or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))
+        or not _LABEL_NAME.fullmatch(name)
+        or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(prefix)))
     ):
         raise SettingsError(f"invalid node label key {key!r} (e.g. lora-moe/pool or cloud.google.com/gke-nodepool)")
-    if len(value) > 63 or not _LABEL_NAME.match(value):
+    if len(value) > 63 or not _LABEL_NAME.fullmatch(value):
         raise SettingsError(f"invalid node label value {value!r} for {key!r} (at most 63 of A-Z a-z 0-9 - _ .)")
 
 

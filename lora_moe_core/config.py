@@ -8,9 +8,7 @@ flag of the same name (``--learning_rate 5e-5``); a flag given on the command li
 from __future__ import annotations
 
 import difflib
-import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,12 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lora_moe_core.defaults import EXPERIMENT, TASK_NAMES
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES, NUM_FAMILIES
+from lora_moe_core.guards.files import read_regular_bytes
+from lora_moe_core.guards.parse import load_json, load_toml
 
 BLOCK_SELECTOR = re.compile(r"^(all|last_\d+|first_\d+|\d+-\d+)$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: learning_rate = inf (or nan from a flag) would train to a checkpoint of NaNs
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -62,6 +63,13 @@ class LoRAConfig(_Section):
         if isinstance(value, list) and any(index < 0 for index in value):
             raise ValueError("block indices must be >= 0")
         return value
+
+    @model_validator(mode="after")
+    def _check_some_rank(self) -> LoRAConfig:
+        ranks = (self.rank_q, self.rank_k, self.rank_v, self.rank_o, self.rank_ffn)
+        if all(rank == 0 for rank in ranks):
+            raise ValueError("every rank_* is 0: no module would be adapted (the checkpoint would hold no expert)")
+        return self
 
 
 class LoRAMoEConfig(_Section):
@@ -154,7 +162,7 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate")
     batch_size: int = Field(1, ge=1, description="clips per micro-batch")
     gradient_accumulation_steps: int = Field(8, ge=1, description="micro-batches per optimizer step")
-    seed: int = Field(42, description="random seed")
+    seed: int = Field(42, ge=0, le=2**63 - 1, description="random seed")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="autocast precision")
     gradient_checkpointing: bool = Field(True, description="recompute adapted blocks in backward")
     offload_inactive_dit: bool = Field(
@@ -253,19 +261,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     from lora_moe_core.data.dataset import decode_utf8
 
     path = Path(path)
-    try:
-        text = decode_utf8(path.read_bytes(), f"config {path}")
-        if path.suffix == ".json":
-            return json.loads(text)
-        return tomllib.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON: {exc}") from None
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: invalid TOML: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    text = decode_utf8(read_regular_bytes(path, "config file"), f"config {path}")
+    data = load_json(text, str(path)) if path.suffix == ".json" else load_toml(text, str(path))
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a table of sections, got {type(data).__name__}")
+    return data
 
 
 def resolve_config_path(config: str | Path) -> Path:

@@ -7,10 +7,12 @@ imports the Kubeflow layer; nothing here imports kfp or torch before a command r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from lora_moe_core.defaults import EXPERIMENT
@@ -150,18 +152,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _package(args: argparse.Namespace) -> Path:
+@contextlib.contextmanager
+def _package(args: argparse.Namespace) -> Iterator[Path]:
+    """The pipeline package to send: ``--package`` checked, or one compiled into a temporary folder that is
+    removed afterwards, whether the upload worked or not (it used to stay in $TMPDIR after every submit)."""
     if args.package:
         from pipelines.compile import load_ir
 
         load_ir(args.package)
-        return Path(args.package)
+        yield Path(args.package)
+        return
     from pipelines.compile import PACKAGES, compile_pipeline
 
     settings = _settings(args)
-    return compile_pipeline(
-        args.pipeline, Path(tempfile.mkdtemp(prefix="lora-moe-")) / PACKAGES[args.pipeline], settings
-    )
+    with tempfile.TemporaryDirectory(prefix="lora-moe-") as folder:
+        yield compile_pipeline(args.pipeline, Path(folder) / PACKAGES[args.pipeline], settings)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -169,16 +174,17 @@ def _submit(args: argparse.Namespace) -> int:
 
     connection = Connection.from_env(args.host, args.namespace)
     arguments = parse_params(args.param)
-    result = submit_run(
-        connection,
-        _package(args),
-        arguments,
-        args.experiment,
-        run_name=args.run_name,
-        pipeline_name=args.pipeline_name,
-        version=args.version,
-        enable_caching=args.enable_caching,
-    )
+    with _package(args) as package:
+        result = submit_run(
+            connection,
+            package,
+            arguments,
+            args.experiment,
+            run_name=args.run_name,
+            pipeline_name=args.pipeline_name,
+            version=args.version,
+            enable_caching=args.enable_caching,
+        )
     if "version_id" in result:
         print(f"uploaded pipeline version {args.version} ({result['version_id']})")
     print(f"started run {result['run_id']} in experiment {args.experiment!r}: {result['run_url']}")
@@ -190,18 +196,19 @@ def _schedule(args: argparse.Namespace) -> int:
 
     cron = validate_cron(args.cron)  # before anything else: a typo needs no cluster to be found
     connection = Connection.from_env(args.host, args.namespace)
-    result = schedule_run(
-        connection,
-        _package(args),
-        cron,
-        args.job_name,
-        args.experiment,
-        parse_params(args.param),
-        pipeline_name=args.pipeline_name,
-        version=args.version,
-        max_concurrency=args.max_concurrency,
-        enabled=not args.paused,
-    )
+    with _package(args) as package:
+        result = schedule_run(
+            connection,
+            package,
+            cron,
+            args.job_name,
+            args.experiment,
+            parse_params(args.param),
+            pipeline_name=args.pipeline_name,
+            version=args.version,
+            max_concurrency=args.max_concurrency,
+            enabled=not args.paused,
+        )
     state = "paused" if args.paused else "enabled"
     print(
         f"created recurring run {result['recurring_run_id']} ({args.job_name!r}, cron '{cron}', {state}) "

@@ -43,6 +43,21 @@ class LocalRun:
     sample_steps: int = 4
     overrides: dict[str, Any] = field(default_factory=dict)  # any other pipeline parameter
 
+    def __post_init__(self) -> None:
+        """Refuse counts and sizes the pipeline cannot use before any step runs (``--clips -1`` used to run the
+        whole pipeline and fail in its last step with a traceback)."""
+        from lora_moe_core.guards.numbers import check_int
+
+        for name in ("clips", "eval_clips", "cache_shards", "stage1_epochs", "stage2_epochs", "sample_steps"):
+            check_int(f"--{name}", getattr(self, name), 1, 100_000)
+        for name in ("clip_size", "sample_size"):
+            width, height, frames = getattr(self, name)
+            check_int(f"--{name} width", width, 16, 4096)
+            check_int(f"--{name} height", height, 16, 4096)
+            check_int(f"--{name} frames", frames, 1, 1025)
+            if width % 16 or height % 16 or (frames - 1) % 4:
+                raise UserError(f"--{name} {width} {height} {frames}: width and height multiples of 16, frames 4k+1")
+
     @property
     def store_uri(self) -> str:
         return self.store or str((self.output_dir / "store").resolve())

@@ -52,8 +52,12 @@ class Connection:
                 "KFP host holds credentials (user:password@): set KFP_TOKEN or KFP_COOKIES and give only the "
                 f"address after the '@' ({host.rpartition('@')[2]})"
             )
-        parts = urllib.parse.urlsplit(host)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:  # urlsplit raises ValueError on an unclosed IPv6 bracket ('http://[::1')
+            parts = urllib.parse.urlsplit(host)
+            hostname = parts.hostname
+        except ValueError:
+            raise UserError(f"KFP host {host!r} must look like http(s)://host[:port][/path]") from None
+        if parts.scheme not in ("http", "https") or not hostname or any(not c.isprintable() for c in host):
             raise UserError(f"KFP host {host!r} must look like http(s)://host[:port][/path]")
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port

@@ -76,5 +76,5 @@ def test_bad_config_fails_with_one_line_naming_the_key(tmp_path, text, message):
 
 
 def test_missing_config_file():
-    with pytest.raises(UserError, match="config file not found"):
+    with pytest.raises(UserError, match="config file nope.toml does not exist"):
         load_config("nope.toml")

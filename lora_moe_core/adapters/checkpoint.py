@@ -95,7 +95,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         config = Config.model_validate(metadata_json(metadata, "lora_moe.config", path))
     except ValidationError as exc:
-        raise UserError(f"{path}: stored config is invalid: {exc.errors()[0]['msg']}") from None
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        raise UserError(f"{path}: stored config is invalid at '{where}': {exc.errors()[0]['msg']}") from None
     checkpoint = Checkpoint(Path(path), config, tensors, metadata)
     _check_keys(checkpoint)
     return checkpoint
@@ -131,19 +132,34 @@ def load_network(path: str | Path, shapes: dict[str, tuple[int, int]], config: C
         UserError: on any mismatch between checkpoint and model, with the module named.
     """
     checkpoint = read_checkpoint(path)
-    config = (config or checkpoint.config).model_copy(deep=True)
-    config.router.router_hidden_dim = checkpoint.tensors["router_hidden.weight"].shape[0]
-    config.gates.timestep_boundaries = checkpoint.tensors["timestep_gate_boundaries"].tolist()
-    expert_alphas = {float(alpha) for alpha in checkpoint.prefixed("expert_lora_alpha").values()}
-    if len(expert_alphas) > 1:
-        raise UserError(f"{path}: experts with different alphas per module are not supported")
-    config.lora_moe.expert_alpha = expert_alphas.pop() if expert_alphas else None
+    config = _stored_structure(checkpoint, (config or checkpoint.config).model_copy(deep=True))
     experts_B = checkpoint.prefixed("expert_lora_B")
     for name, down in checkpoint.prefixed("expert_lora_A").items():
         check_module_shape(name, shapes, down.shape[-1], experts_B[name].shape[1])
     network = LoRAMoENetwork(config, checkpoint.expert_targets(), shapes, base_lora=checkpoint.base_lora())
     _load_tensors(network, checkpoint)
     return network
+
+
+def _stored_structure(checkpoint: Checkpoint, config: Config) -> Config:
+    """``config`` with the router width, timestep boundaries and expert alpha the checkpoint's tensors hold, each
+    checked by the config's own limits: a tampered file (boundary 1500, width 0, alpha -4) is a one-line error."""
+    hidden, edges = checkpoint.tensors["router_hidden.weight"], checkpoint.tensors["timestep_gate_boundaries"]
+    if hidden.dim() != 2 or edges.dim() != 1:
+        raise UserError(f"{checkpoint.path}: 'router_hidden.weight' must be 2-d and 'timestep_gate_boundaries' 1-d, "
+                        f"got shapes {list(hidden.shape)} and {list(edges.shape)}")  # fmt: skip
+    alphas = {float(alpha) for alpha in checkpoint.prefixed("expert_lora_alpha").values()}
+    if len(alphas) > 1:
+        raise UserError(f"{checkpoint.path}: experts with different alphas per module are not supported")
+    values = {("router", "router_hidden_dim"): hidden.shape[0], ("gates", "timestep_boundaries"): edges.tolist(),
+              ("lora_moe", "expert_alpha"): alphas.pop() if alphas else None}  # fmt: skip
+    for (section, name), value in values.items():
+        try:
+            setattr(getattr(config, section), name, value)
+        except ValidationError as exc:
+            raise UserError(f"{checkpoint.path}: stored {section}.{name} {value!r} is invalid: "
+                            f"{exc.errors()[0]['msg']} (a damaged or tampered checkpoint)") from None  # fmt: skip
+    return config
 
 
 def _load_tensors(network: LoRAMoENetwork, checkpoint: Checkpoint) -> None:

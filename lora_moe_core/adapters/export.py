@@ -8,6 +8,8 @@ whose gate is zero are dropped, so the rank is the sum of the active branches' r
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ from lora_moe_core.data.vocabulary import instrument_logits
 from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.lora_files import LoRAFile, LoRAModuleWeights, write_lora
+from lora_moe_core.guards.files import refuse_clobber
+from lora_moe_core.guards.numbers import check_number
 
 
 def fixed_route_modules(network: LoRAMoENetwork, expert_scale: torch.Tensor) -> dict[str, LoRAModuleWeights]:
@@ -52,30 +56,21 @@ def regime_names(num_buckets: int, boundaries: list[float]) -> list[str]:
     return [f"t{edges[i]:g}-{edges[i + 1]:g}" for i in range(num_buckets)]
 
 
+@dataclass
+class _ExportPlan:
+    """The files one hint exports to: a routed copy of the network, its gates, and (path, expert scale) pairs."""
+
+    network: LoRAMoENetwork
+    gates: torch.Tensor
+    files: list[tuple[Path, torch.Tensor]]
+    metadata: dict[str, str]
+
+
 @torch.no_grad()
-def export_instrument_lora(
-    network: LoRAMoENetwork,
-    families: list[str],
-    output_dir: str | Path,
-    to: str = "comfy",
-    alpha_base: float = ALPHA_BASE,
-    alpha_expert: float = ALPHA_EXPERT,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[list[Path], torch.Tensor]:
-    """Write the per-instrument LoRA(s) of a hint; one file per noise regime when the timestep gates differ.
-
-    Args:
-        network: the trained LoRA-MoE.
-        families: the hinted families (e.g. ``["Hook"]``).
-        output_dir: folder for the files.
-        to: ``comfy``, ``diffusers`` or ``musubi`` keys.
-        alpha_base: base-branch multiplier (default: the seed's inference value, as ``infer``).
-        alpha_expert: expert multiplier (default: the seed's inference value, as ``infer``).
-        dtype: stored dtype (default fp32: bf16 storage costs ~2e-3 relative error in ΔW).
-
-    Returns:
-        The written paths and the router gates ``[E]`` used.
-    """
+def _plan_export(network: LoRAMoENetwork, families: list[str], output_dir: str | Path, alpha_base: float,
+                 alpha_expert: float) -> _ExportPlan:  # fmt: skip
+    check_number("alpha_base", alpha_base, at_least=0)
+    check_number("alpha_expert", alpha_expert, at_least=0)
     network = copy.deepcopy(network)  # routing and multipliers are set on a copy: the caller's network stays as it is
     network.route.alpha_base, network.alpha_expert = alpha_base, alpha_expert
     confidence = network.config.router.hint_confidence
@@ -90,13 +85,55 @@ def export_instrument_lora(
         plan = {f"{stem}_{name}": scale for name, scale in zip(names, scales, strict=True)}
     gate_text = ",".join(f"{family}={gate:.4f}" for family, gate in zip(FAMILIES, gates.tolist(), strict=True))
     metadata = {"lora_moe.route": ",".join(families) or "uniform", "lora_moe.gates": gate_text}
+    files = [(Path(output_dir) / f"{file_stem}.safetensors", scale) for file_stem, scale in plan.items()]
+    return _ExportPlan(network, gates, files, metadata)
+
+
+@torch.no_grad()
+def _write_plans(
+    plans: list[_ExportPlan], to: str, dtype: torch.dtype, protect: Sequence[str | Path | None]
+) -> list[Path]:
+    """Write every planned file, after checking that none of them would overwrite an input (the checkpoint)."""
+    refuse_clobber([path for plan in plans for path, _ in plan.files], protect, "export")
     paths = []
-    for file_stem, scale in plan.items():
-        lora = LoRAFile(modules=fixed_route_modules(network, scale), format=to, dtype=dtype, metadata={})
-        path = Path(output_dir) / f"{file_stem}.safetensors"
-        write_lora(lora, path, to=to, dtype=dtype, metadata=metadata)
-        paths.append(path)
-    return paths, gates
+    for plan in plans:
+        for path, scale in plan.files:
+            lora = LoRAFile(modules=fixed_route_modules(plan.network, scale), format=to, dtype=dtype, metadata={})
+            write_lora(lora, path, to=to, dtype=dtype, metadata=plan.metadata)
+            paths.append(path)
+    return paths
+
+
+def export_instrument_lora(
+    network: LoRAMoENetwork,
+    families: list[str],
+    output_dir: str | Path,
+    to: str = "comfy",
+    alpha_base: float = ALPHA_BASE,
+    alpha_expert: float = ALPHA_EXPERT,
+    dtype: torch.dtype = torch.float32,
+    protect: Sequence[str | Path | None] = (),
+) -> tuple[list[Path], torch.Tensor]:
+    """Write the per-instrument LoRA(s) of a hint; one file per noise regime when the timestep gates differ.
+
+    Args:
+        network: the trained LoRA-MoE.
+        families: the hinted families (e.g. ``["Hook"]``).
+        output_dir: folder for the files.
+        to: ``comfy``, ``diffusers`` or ``musubi`` keys.
+        alpha_base: base-branch multiplier (default: the seed's inference value, as ``infer``).
+        alpha_expert: expert multiplier (default: the seed's inference value, as ``infer``).
+        dtype: stored dtype (default fp32: bf16 storage costs ~2e-3 relative error in ΔW).
+        protect: input files (the checkpoint) that no written file may replace.
+
+    Returns:
+        The written paths and the router gates ``[E]`` used.
+
+    Raises:
+        UserError: when a file to write is one of ``protect`` (nothing is written then).
+    """
+    plan = _plan_export(network, families, output_dir, alpha_base, alpha_expert)
+    return _write_plans([plan], to, dtype, protect), plan.gates
 
 
 def export_family_loras(checkpoint: str | Path, output_dir: str | Path, to: str = "comfy",
@@ -107,7 +144,5 @@ def export_family_loras(checkpoint: str | Path, output_dir: str | Path, to: str 
     from lora_moe_core.model.wan import task_linear_shapes
 
     network = load_network(checkpoint, task_linear_shapes(read_checkpoint(checkpoint).config.model.task))
-    paths: list[Path] = []
-    for family in FAMILIES:
-        paths += export_instrument_lora(network, [family], output_dir, to, alpha_base, alpha_expert, dtype)[0]
-    return paths
+    plans = [_plan_export(network, [family], output_dir, alpha_base, alpha_expert) for family in FAMILIES]
+    return _write_plans(plans, to, dtype, [checkpoint])

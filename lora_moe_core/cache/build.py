@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lora_moe_core.cache.writer import CacheReport, CacheSettings
+from lora_moe_core.data.dataset import Dataset
 from lora_moe_core.errors import UserError
 from lora_moe_core.storage.store import Storage
 
@@ -23,6 +24,16 @@ class CacheOutcome:
             return f"reused the musubi cache {source} without re-encoding: {report.clips} clips -> {output}"
         return (f"cached {report.clips} clips from {report.written} videos, {report.skipped} up to date, "
                 f"{report.failed} failed -> {output}")  # fmt: skip
+
+
+def match_labels(labels: list[dict], dataset: Dataset, labels_uri: str) -> None:
+    """Refuse labels written for other videos: line i must name clip i's ``video_path``, as ``lora-moe label``
+    writes it (a count that happens to agree is not enough: the labels would train the wrong experts)."""
+    for number, (label, clip) in enumerate(zip(labels, dataset.clips, strict=True), start=1):
+        wanted = clip.fields.get("video_path")
+        if label.get("video_path") != wanted:
+            raise UserError(f"{labels_uri}:{number}: labels for {label.get('video_path')!r}, but clip {number} of the "
+                            f"dataset is {wanted!r}: labels of another dataset? rerun `lora-moe label`")  # fmt: skip
 
 
 def cache_dataset(
@@ -64,6 +75,8 @@ def cache_dataset(
         labels = label_records(dataset, Vocabulary.from_builtin())[0]
     if len(labels) != len(dataset.clips):
         raise UserError(f"{labels_uri} has {len(labels)} lines but the dataset has {len(dataset.clips)} clips")
+    if labels_uri:
+        match_labels(labels, dataset, labels_uri)
     if is_s3(output):
         storage.list(output)  # a missing bucket or a denied key fails now, not once per encoded video
     cacher = LatentCacher(load_encoders(settings.task, settings.model), settings, output, storage)

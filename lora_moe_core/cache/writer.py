@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from lora_moe_core.data.dataset import ClipSource, Dataset, DatasetOptions
 from lora_moe_core.errors import UserError, disk_full_reason
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.safetensors_io import write_safetensors
+from lora_moe_core.guards.numbers import check_number
 from lora_moe_core.model.loading import Encoders, encode_prompts, encode_video
 from lora_moe_core.storage.store import Storage, is_s3
 
@@ -58,6 +60,15 @@ class CacheSettings:
     roi_fallback: str = "motion"  # without tip boxes: motion saliency or uniform
     latent_dtype: str = "bfloat16"  # musubi stores latents in the VAE dtype (bf16)
     max_bad_fraction: float = 0.1  # fail the run when more videos than this fail to decode
+
+    def __post_init__(self) -> None:
+        """The same limits for ``lora-moe cache`` flags, the pipeline's cache step and library callers."""
+        check_number("tip_weight", self.tip_weight, at_least=1, at_most=100)
+        check_number("max_bad_fraction", self.max_bad_fraction, at_least=0, at_most=1)
+        if self.roi_fallback not in ("motion", "uniform"):
+            raise UserError(f"roi_fallback must be motion or uniform, got {self.roi_fallback!r}")
+        if self.latent_dtype not in DTYPE_NAMES.values():
+            raise UserError(f"latent_dtype must be one of {', '.join(DTYPE_NAMES.values())}, got {self.latent_dtype!r}")
 
 
 @dataclass
@@ -102,6 +113,16 @@ def _stem(clip: ClipSource) -> str:
     return Path(clip.video.rsplit("/", 1)[-1]).stem
 
 
+def entry_stems(clips: list[ClipSource]) -> list[str]:
+    """The cache-entry name of each clip: its video's file stem (musubi's naming), or, when two videos of the
+    dataset share that stem (``case01/video.mp4``, ``case02/video.mp4``), the stem plus 8 hex digits of the
+    SHA-256 of its path in the dataset, so that neither overwrites the other's entry."""
+    stems = [_stem(clip) for clip in clips]
+    shared = {stem for stem, count in Counter(stems).items() if count > 1}
+    return [f"{stem}-{hashlib.sha256(str(clip.fields.get('video_path', clip.video)).encode()).hexdigest()[:8]}"
+            if stem in shared else stem for stem, clip in zip(stems, clips, strict=True)]  # fmt: skip
+
+
 def _label_vector(label: dict) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.tensor(label.get("probs") or [1.0 / len(FAMILIES)] * len(FAMILIES), dtype=torch.float32)
     multi_hot = torch.tensor([float(name in label.get("families", [])) for name in FAMILIES])
@@ -138,13 +159,13 @@ class LatentCacher:
 
     def run(self, dataset: Dataset, labels: list[dict], shard: tuple[int, int] = (0, 1)) -> CacheReport:
         """Cache every clip of the shard; raises UserError when the failed fraction exceeds the limit."""
-        pairs = shard_of(list(zip(dataset.clips, labels, strict=True)), shard)
+        pairs = shard_of(list(zip(dataset.clips, labels, entry_stems(dataset.clips), strict=True)), shard)
         report, first_failure = CacheReport(), ""
         self.staging_prefix = f".staging-{shard[0]}of{shard[1]}-"  # a shard's own: shards may share the folder
         self._remove_stale_staging()
-        for clip, label in tqdm(pairs, desc="caching", unit="video", disable=None):
+        for clip, label, stem in tqdm(pairs, desc="caching", unit="video", disable=None):
             try:
-                clips = self._decode(clip, label, dataset.options)
+                clips = self._decode(clip, label, dataset.options, stem)
             except UserError as exc:  # a bad video; writing problems are not caught here: they end the run
                 report.failed += 1
                 print(f"skipped {clip.video}: {exc}")
@@ -176,9 +197,10 @@ class LatentCacher:
         return entry.get("content_hash") == digest and all(self.storage.exists(self.storage.join(self.output, f))
                                                            for f in files)  # fmt: skip
 
-    def _decode(self, clip: ClipSource, label: dict, options: DatasetOptions) -> _Clips | None:
-        """Read and cut one video (None when its cached entry is current); UserError for a bad video."""
-        stem = _stem(clip)
+    def _decode(self, clip: ClipSource, label: dict, options: DatasetOptions, stem: str) -> _Clips | None:
+        """Read and cut one video (None when its cached entry ``stem`` is current); UserError for a bad clip."""
+        if not clip.caption:
+            raise UserError(f"{clip.video}: empty caption, nothing to condition on (labelled with no family)")
         with self.storage.open_local(clip.video) as local:
             if not Path(local).is_file():
                 raise UserError(f"video path is not a file: {clip.video}")
@@ -188,8 +210,12 @@ class LatentCacher:
             if self._is_current(stem, digest):
                 return None
             info = video.probe_video(local)
-            frames = video.read_frames(local, video.DEFAULT_TARGET_FPS, options.source_fps)
-        bucket = buckets.bucket_size(info.width, info.height, options.resolution, no_upscale=options.bucket_no_upscale)
+            bucket = buckets.bucket_size(info.width, info.height, options.resolution,
+                                         no_upscale=options.bucket_no_upscale)  # fmt: skip
+            # memory and time bounded before decoding: only the frames the clips use, within MAX_DECODE_BYTES
+            needed = video.frames_needed(options.frame_extraction, options.target_frames, options.max_frames)
+            limit = video.check_decode_budget(clip.video, info, needed, bucket, options.source_fps)
+            frames = video.read_frames(local, video.DEFAULT_TARGET_FPS, options.source_fps, max_frames=limit)
         frames = buckets.resize_and_crop(frames, bucket)
         boxes = _clip_rois(clip, len(frames), info.fps, options, (info.width, info.height), bucket)
         pieces = video.extract_clips(frames, options.target_frames, options.frame_extraction, options.frame_stride,

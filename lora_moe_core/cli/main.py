@@ -112,7 +112,14 @@ def _export(args: argparse.Namespace) -> int:
     task = args.task or read_checkpoint(args.lora_moe_weights).config.model.task
     network = load_network(args.lora_moe_weights, task_linear_shapes(task))
     paths, gates = export_instrument_lora(
-        network, families, args.output_dir, args.to, args.alpha_base, args.alpha_expert, _dtype(args.dtype)
+        network,
+        families,
+        args.output_dir,
+        args.to,
+        args.alpha_base,
+        args.alpha_expert,
+        _dtype(args.dtype),
+        protect=[args.lora_moe_weights],
     )
     print("gates " + ", ".join(f"{name}={value:.3f}" for name, value in zip(FAMILIES, gates.tolist(), strict=True)))
     for path in paths:

@@ -11,24 +11,25 @@ still be truncated; one above it (a pasted log, a whole file) is refused rather 
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
-import tomllib
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.parse import load_json, load_toml
+from lora_moe_core.guards.text import MAX_TEXT_CHARS, check_text
 from lora_moe_core.storage.store import Storage, is_s3, parse_s3, resolve_under
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".webm", ".mkv")
 EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")  # musubi's frame_extraction values
 #: Longest caption accepted: twice what UMT5's 512 tokens hold in English (~4 characters a token).
-MAX_CAPTION_CHARS = 4096
-_CAPTION_CONTROLS = {"\t", "\n", "\r"}  # allowed: multi-line caption files, CRLF from Windows editors
+MAX_CAPTION_CHARS = MAX_TEXT_CHARS
+#: Largest bucket area (W·H) a dataset may ask for: 1080p, above Wan2.2's 1280x720. Every frame is resized to the
+#: bucket before encoding, so [65536, 65536] would allocate 12 GiB per frame.
+MAX_RESOLUTION_PIXELS = 1920 * 1080
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ClipSource:
     video: str  # local path or s3:// URI, already resolved
     caption: str
     fields: dict[str, Any]  # the manifest line (video_path kept as written), for labels.jsonl
+    source: str | None = None  # the manifest or caption file the caption came from
 
 
 @dataclass
@@ -69,6 +71,8 @@ class DatasetOptions:
             or not all(_is_int(v, 16) for v in resolution)
         ):
             fail("resolution", "[width, height], two integers >= 16 (e.g. [832, 480])")
+        if resolution[0] * resolution[1] > MAX_RESOLUTION_PIXELS:
+            fail("resolution", f"at most {MAX_RESOLUTION_PIXELS:,} pixels (1920x1080)")
         frames = self.target_frames
         if not isinstance(frames, list | tuple) or not frames or not all(_is_int(n, 1) and n % 4 == 1 for n in frames):
             fail("target_frames", "a non-empty list of 4k+1 frame counts (e.g. [17, 33, 81])")
@@ -95,6 +99,13 @@ class Dataset:
     clips: list[ClipSource]
     options: DatasetOptions
     root: str  # folder of the dataset file (local path or s3:// prefix)
+    files: list[str] = field(default_factory=list)  # dataset TOML(s) read, besides the clips' sources
+
+    def input_files(self) -> list[str]:
+        """Every file this dataset was read from: TOML, manifests, caption files, videos (what no output may
+        overwrite)."""
+        sources = [clip.source for clip in self.clips if clip.source]
+        return list(dict.fromkeys([*self.files, *sources, *(clip.video for clip in self.clips)]))
 
 
 def _parent(uri: str) -> str:
@@ -131,18 +142,15 @@ def _read_text(storage: Storage, uri: str, what: str) -> str:
     return decode_utf8(storage.read_bytes(uri), f"{what} {uri}")
 
 
-def check_caption(caption: str, where: str) -> str:
-    """``caption`` stripped, or a UserError naming ``where`` when it is empty, too long or holds control codes."""
-    caption = caption.strip()
-    if not caption:
+def check_caption(caption: str, where: str, allow_empty: bool = False) -> str:
+    """``caption`` stripped, or a UserError naming ``where`` when it is too long or holds control codes, bidi
+    overrides or lone surrogates (:mod:`lora_moe_core.guards.text`), or is empty unless ``allow_empty``.
+
+    A dataset allows empty captions: labelling gives such a clip no family (counted, like a caption naming no
+    instrument) and caching skips it as a bad clip, so one empty caption does not abort a whole dataset."""
+    caption = check_text(caption, where)
+    if not caption and not allow_empty:
         raise UserError(f"{where}: empty caption")
-    if len(caption) > MAX_CAPTION_CHARS:
-        raise UserError(f"{where}: caption has {len(caption)} characters, over the limit of {MAX_CAPTION_CHARS} "
-                        "(UMT5 reads 512 tokens, about 2,000 English characters); shorten it")  # fmt: skip
-    for index, char in enumerate(caption):
-        if unicodedata.category(char) == "Cc" and char not in _CAPTION_CONTROLS:
-            raise UserError(f"{where}: caption holds control character U+{ord(char):04X} at character {index}; "
-                            "remove it")  # fmt: skip
     return caption
 
 
@@ -169,10 +177,7 @@ def jsonl_records(text: str, uri: str) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{uri}:{number}: not valid JSON ({exc.msg})") from None
+        yield number, load_json(line, f"{uri}:{number}")
 
 
 def read_manifest(uri: str, storage: Storage) -> list[ClipSource]:
@@ -186,18 +191,20 @@ def read_manifest(uri: str, storage: Storage) -> list[ClipSource]:
         if not isinstance(record.get("video_path"), str):
             raise UserError(f"{uri}:{number}: each line needs a 'video_path' string")
         caption = record.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
-            raise UserError(f"{uri}:{number}: empty or missing caption for {record['video_path']}")
-        caption = check_caption(caption, f"{uri}:{number}")
+        if not isinstance(caption, str):
+            raise UserError(f'{uri}:{number}: missing caption for {record["video_path"]} ("" for none)')
+        caption = check_caption(caption, f"{uri}:{number}", allow_empty=True)
         _check_roi(record.get("roi"), f"{uri}:{number}")
         video = _resolve(root, record["video_path"], f"{uri}:{number}: video_path")
-        clips.append(ClipSource(video=video, caption=caption, fields=record))
+        clips.append(ClipSource(video=video, caption=caption, fields=record, source=uri))
     if not clips:
         raise UserError(f"manifest {uri} lists no videos")
     return clips
 
 
-def _directory_clips(storage: Storage, directory: str, caption_extension: str) -> list[ClipSource]:
+def _directory_clips(storage: Storage, root: str, directory: str, caption_extension: str) -> list[ClipSource]:
+    """The videos of a musubi ``video_directory`` and their caption files, none of them leaving ``root`` (a
+    symlinked caption or video pointing elsewhere is refused as a ``..`` would be)."""
     videos = sorted(uri for uri in storage.list(directory) if uri.lower().endswith(VIDEO_EXTENSIONS))
     if not videos:
         raise UserError(f"video_directory {directory} holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
@@ -205,14 +212,15 @@ def _directory_clips(storage: Storage, directory: str, caption_extension: str) -
     for video in videos:
         stem, _ = posixpath.splitext(video) if is_s3(video) else (str(Path(video).with_suffix("")), None)
         caption_uri = stem + caption_extension
+        relative = posixpath.relpath(video, directory) if is_s3(video) else str(Path(video).relative_to(directory))
+        if not is_s3(video):
+            video = _resolve(root, str(Path(video).relative_to(root)), f"video {video}")
+            caption_uri = _resolve(root, str(Path(caption_uri).relative_to(root)), f"caption file {caption_uri}")
         if not storage.exists(caption_uri):
             raise UserError(f"missing caption file {caption_uri} for {video}")
-        caption = _read_text(storage, caption_uri, "caption file").strip()
-        if not caption:
-            raise UserError(f"empty caption in {caption_uri}")
-        caption = check_caption(caption, caption_uri)
-        relative = posixpath.relpath(video, directory) if is_s3(video) else str(Path(video).relative_to(directory))
-        clips.append(ClipSource(video=video, caption=caption, fields={"video_path": relative, "caption": caption}))
+        caption = check_caption(_read_text(storage, caption_uri, "caption file"), caption_uri, allow_empty=True)
+        fields = {"video_path": relative, "caption": caption}
+        clips.append(ClipSource(video=video, caption=caption, fields=fields, source=caption_uri))
     return clips
 
 
@@ -227,10 +235,7 @@ def read_dataset_toml(uri: str, storage: Storage) -> Dataset:
 
     Several ``[[datasets]]`` entries are concatenated; the clip-cutting options of the first apply to all.
     """
-    try:
-        config = tomllib.loads(_read_text(storage, uri, "dataset config"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{uri}: invalid TOML: {exc}") from None
+    config = load_toml(_read_text(storage, uri, "dataset config"), uri)
     entries, general = config.get("datasets"), config.get("general", {})
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{uri}: no [[datasets]] entry")
@@ -243,12 +248,12 @@ def read_dataset_toml(uri: str, storage: Storage) -> Dataset:
         _check_strings(uri, {**general, **entry}, ("video_directory", "video_jsonl_file", "caption_extension"))
         if "video_directory" in entry:
             directory = _resolve(root, entry["video_directory"], f"{uri}: video_directory")
-            clips += _directory_clips(storage, directory, general.get("caption_extension", ".txt"))
+            clips += _directory_clips(storage, root, directory, general.get("caption_extension", ".txt"))
         elif "video_jsonl_file" in entry:
             clips += read_manifest(_resolve(root, entry["video_jsonl_file"], f"{uri}: video_jsonl_file"), storage)
         else:
             raise UserError(f"{uri}: a [[datasets]] entry needs video_directory or video_jsonl_file (images: no)")
-    return Dataset(clips=clips, options=options, root=root)
+    return Dataset(clips=clips, options=options, root=root, files=[uri])
 
 
 def _check_strings(uri: str, table: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -277,7 +282,7 @@ def load_dataset(uri: str, storage: Storage | None = None) -> Dataset:
         if has_manifest and has_toml:
             # clips from the manifest (it carries tip boxes and true families), cutting options from the TOML
             options = read_dataset_toml(toml, storage).options
-            return Dataset(clips=read_manifest(manifest, storage), options=options, root=_parent(manifest))
+            return Dataset(read_manifest(manifest, storage), options, _parent(manifest), files=[toml])
         if has_manifest or has_toml:
             return load_dataset(manifest if has_manifest else toml, storage)
         message = f"dataset {uri} not found: give a dataset .toml, a .jsonl manifest, or a folder with one"

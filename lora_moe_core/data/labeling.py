@@ -10,6 +10,7 @@ from lora_moe_core.data.dataset import Dataset, decode_utf8, jsonl_records
 from lora_moe_core.data.vocabulary import Vocabulary
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.guards.files import refuse_clobber
 from lora_moe_core.storage.store import Storage
 
 
@@ -20,18 +21,21 @@ class LabelSummary:
     total: int
     per_family: dict[str, int]
     unlabelled: int
+    empty: int = 0  # of the unlabelled: clips whose caption is empty
 
     def lines(self) -> list[str]:
         width = max(len(name) for name in FAMILIES)
         rows = [f"{name:<{width}}  {count:5d}  {100 * count / max(self.total, 1):5.1f}%"
                 for name, count in self.per_family.items()]  # fmt: skip
         return [f"labelled {self.total - self.unlabelled}/{self.total} captions", *rows,
-                f"{'none':<{width}}  {self.unlabelled:5d}  (no instrument named: uniform probs)"]  # fmt: skip
+                f"{'none':<{width}}  {self.unlabelled:5d}  (no instrument named: uniform probs; "
+                f"{self.empty} empty caption(s))"]  # fmt: skip
 
     def metrics(self) -> dict[str, int]:
         """``clips.<Family>``, ``clips.total``, ``clips.unlabelled`` (for MLflow and KFP metadata)."""
         counts = {f"clips.{name}": count for name, count in self.per_family.items()}
-        return {**counts, "clips.total": self.total, "clips.unlabelled": self.unlabelled}
+        return {**counts, "clips.total": self.total, "clips.unlabelled": self.unlabelled,
+                "clips.empty_caption": self.empty}  # fmt: skip
 
 
 def label_dataset(
@@ -45,21 +49,24 @@ def label_dataset(
     from lora_moe_core.data.vocabulary import Vocabulary
 
     storage = storage or Storage()
-    records, summary = label_records(load_dataset(dataset_uri, storage), Vocabulary.load(vocab))
+    dataset = load_dataset(dataset_uri, storage)
+    refuse_clobber([output], [dataset_uri, vocab, *dataset.input_files()], "label")
+    records, summary = label_records(dataset, Vocabulary.load(vocab))
     write_labels(records, output, storage)
     return summary
 
 
 def label_records(dataset: Dataset, vocabulary: Vocabulary) -> tuple[list[dict[str, Any]], LabelSummary]:
     """The manifest's fields plus ``families``, ``probs`` and ``matched`` for every clip, in order."""
-    records, per_family, unlabelled = [], dict.fromkeys(FAMILIES, 0), 0
+    records, per_family, unlabelled, empty = [], dict.fromkeys(FAMILIES, 0), 0, 0
     for clip in dataset.clips:
+        empty += not clip.caption  # matches nothing: no family, uniform probs
         match = vocabulary.match(clip.caption)
         records.append({**clip.fields, "families": match.families, "probs": match.probs, "matched": match.matched})
         for family in match.families:
             per_family[family] += 1
         unlabelled += not match.families
-    return records, LabelSummary(len(records), per_family, unlabelled)
+    return records, LabelSummary(len(records), per_family, unlabelled, empty)
 
 
 def write_labels(records: list[dict[str, Any]], uri: str, storage: Storage | None = None) -> None:
@@ -94,6 +101,10 @@ def _label_problem(record: Any) -> str | None:
     if probs is not None and not (isinstance(probs, list) and len(probs) == len(FAMILIES)
                                   and all(_is_probability(p) for p in probs)):  # fmt: skip
         return f"'probs' must be {len(FAMILIES)} numbers in [0, 1], got {probs!r}"
+    if probs is not None and not sum(probs) > 0:
+        return f"'probs' must not all be 0 (no family would get any weight), got {probs!r}"
+    if not isinstance(record.get("video_path"), str):
+        return "no 'video_path' string: which video do these labels belong to?"
     return None
 
 

@@ -22,6 +22,7 @@ LATENT_FILE = re.compile(
     r"^(?P<stem>.+)_(?P<start>\d{5})-(?P<frames>\d{3})_(?P<w>\d{4})x(?P<h>\d{4})_wan\.safetensors$"
 )
 LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_(\w+)$")
+LATENT_CHANNELS = 16  # the Wan2.1/2.2 VAE's z_dim (the A14B DiTs' in_channels)
 
 
 @dataclass
@@ -61,8 +62,9 @@ def _latent_tensor(tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor
     if len(keys) != 1:
         raise UserError(f"{path}: expected one latents_FxHxW_dtype tensor, found {len(keys)}")
     latents = tensors[keys[0]].float()
-    if latents.dim() != 4:
-        raise UserError(f"{path}: latents must be [C, F, H, W], got {list(latents.shape)}")
+    if latents.dim() != 4 or latents.shape[0] != LATENT_CHANNELS or 0 in latents.shape:
+        raise UserError(f"{path}: latents must be [{LATENT_CHANNELS}, F, H, W] (the Wan VAE's channels), "
+                        f"got {list(latents.shape)}")  # fmt: skip
     return latents
 
 
@@ -71,7 +73,25 @@ def _text_tensor(path: Path) -> tuple[torch.Tensor, str]:
     keys = [key for key in tensors if key.startswith("varlen_t5_")]
     if not keys:
         raise UserError(f"{path}: no varlen_t5_* tensor")
-    return tensors[keys[0]].float(), metadata.get("caption1", "")
+    text = tensors[keys[0]].float()
+    if text.dim() != 2 or 0 in text.shape:
+        raise UserError(f"{path}: '{keys[0]}' must be [L, D] text embeddings, got {list(text.shape)}")
+    return text, metadata.get("caption1", "")
+
+
+def _label_tensors(tensors: dict[str, torch.Tensor], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``instrument_probs`` and ``instrument_labels``, checked: 4 values each, probs >= 0 and not all 0."""
+    missing = [key for key in ("instrument_probs", "instrument_labels") if key not in tensors]
+    if missing:
+        raise UserError(f"{path}: '{missing[0]}' is missing (a damaged or hand-edited cache file; recache it)")
+    probs, labels = tensors["instrument_probs"].float(), tensors["instrument_labels"].float()
+    for key, value in (("instrument_probs", probs), ("instrument_labels", labels)):
+        if tuple(value.shape) != (len(FAMILIES),):
+            raise UserError(f"{path}: '{key}' must hold {len(FAMILIES)} values ({', '.join(FAMILIES)}), "
+                            f"got shape {list(value.shape)}")  # fmt: skip
+    if (probs < 0).any() or not probs.sum() > 0:
+        raise UserError(f"{path}: 'instrument_probs' must be >= 0 and not all 0, got {probs.tolist()}")
+    return probs, labels
 
 
 def read_entry(path: Path, vocabulary: Vocabulary) -> CacheEntry:
@@ -85,8 +105,10 @@ def read_entry(path: Path, vocabulary: Vocabulary) -> CacheEntry:
     caption = metadata.get("lora_moe.caption", caption)
     frames, height, width = latents.shape[1:]
     roi = tensors.get(f"roi_weights_{frames}x{height}x{width}", torch.ones(frames, height, width)).float()
-    if "instrument_probs" in tensors:
-        probs, labels = tensors["instrument_probs"].float(), tensors["instrument_labels"].float()
+    if tuple(roi.shape) != (frames, height, width):
+        raise UserError(f"{path}: ROI weights must be [{frames}, {height}, {width}], got {list(roi.shape)}")
+    if any(key.startswith("instrument_") for key in tensors):
+        probs, labels = _label_tensors(tensors, path)
     else:  # a musubi cache: label from the stored caption
         found = vocabulary.match(caption)
         probs = torch.tensor(found.probs)
@@ -105,4 +127,9 @@ def read_cache(cache: str, storage: Storage | None = None, vocabulary: Vocabular
     paths = sorted(path for path in folder.glob("*_wan.safetensors") if LATENT_FILE.match(path.name))
     if not paths:
         raise UserError(f"cache {cache} holds no latent files (*_wan.safetensors); run `lora-moe cache` first")
-    return [read_entry(path, vocabulary) for path in paths]
+    entries = [read_entry(path, vocabulary) for path in paths]
+    widths = {entry.text.shape[1] for entry in entries}
+    if len(widths) > 1:
+        raise UserError(f"cache {cache} mixes text embeddings of widths {sorted(widths)}: caches of different "
+                        "models in one folder")  # fmt: skip
+    return entries

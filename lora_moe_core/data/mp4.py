@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import check_output_name
 
 
 def _reason(exc: OSError) -> str:
@@ -22,21 +23,24 @@ def _reason(exc: OSError) -> str:
 
 
 def check_writable(path: str | Path) -> Path:
-    """Make sure a file can be created at ``path`` (creating missing parent folders), before costly work.
+    """Make sure a file can be created at ``path``, before costly work, without creating anything: a command that
+    fails later must not leave empty folders behind (missing parents are created when the file is written).
 
     Raises:
-        UserError: when ``path`` is a directory, its parent cannot be created or is not writable.
+        UserError: when ``path`` is a directory, its name is too long, or its nearest existing parent is not a
+            writable folder.
     """
     path = Path(path)
+    check_output_name(path)  # first: stat() itself fails on a name the file system cannot hold
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory; give a file name such as {path / 'output.mp4'}")
-    probe = path.with_name(f".{path.name}.probe")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {_reason(exc)}") from None
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {path}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: permission denied in {ancestor}")
     return path
 
 
@@ -49,6 +53,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = check_writable(path)
     tmp = path.with_name(f".{path.name}.part")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as exc:

@@ -49,6 +49,10 @@ MAX_FRAME_PIXELS = 8192 * 4320
 #: Plausible source frame rates. Outside them the header is wrong: resampling 17 frames "at 0.001 fps" to 16 fps
 #: would make 272,000 frames, and 10,000 fps would leave a 2-second clip a single frame.
 FPS_RANGE = (1.0, 1000.0)
+#: Most bytes one video may decode to (RGB frames at the larger of source and bucket size), checked from the
+#: container header before decoding: 81 frames at 1080p take 0.5 GiB; a 54 KB file of 2,000 tiny frames
+#: upscaled to 832x480 would take 2.4 GiB, and a 30-minute recording in ``chunk`` mode far more.
+MAX_DECODE_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,40 @@ def probe_video(path: str | Path) -> VideoInfo:
         return VideoInfo(int(context.width), int(context.height), num_frames, _stream_fps(stream))
 
 
+def frames_needed(mode: str, target_frames: Sequence[int], max_frames: int | None) -> int | None:
+    """How many 16 fps frames a clip extraction reads from the start of a video; None when it needs them all."""
+    if mode == "head":
+        return max(target_frames)
+    if mode == "full":
+        return max_frames or 129
+    return None
+
+
+def check_decode_budget(path: str | Path, info: VideoInfo, needed: int | None, bucket: tuple[int, int],
+                        source_fps: float | None = None) -> int | None:  # fmt: skip
+    """Refuse, from the header alone, a video whose decoded frames would exceed ``MAX_DECODE_BYTES``.
+
+    Returns:
+        The number of 16 fps frames to decode (``needed``, or all of them when None): pass it to
+        :func:`read_frames` as ``max_frames`` so that decoding stops there.
+
+    Raises:
+        UserError: naming the file, the frame count and size, and what to change.
+    """
+    fps = source_fps or info.fps
+    if fps <= 0 or info.num_frames <= 0:
+        return needed  # read_frames reports the missing frame rate or frames
+    total = max(1, math.ceil(info.num_frames * DEFAULT_TARGET_FPS / fps))
+    count = min(total, needed) if needed else total
+    pixels = max(info.width * info.height, bucket[0] * bucket[1])
+    size = count * pixels * 3
+    if size > MAX_DECODE_BYTES:
+        raise UserError(f"video {path} would decode {count} frames of {bucket[0]}x{bucket[1]} ({size / 1024**3:.1f} "
+                        f"GiB), over the limit of {MAX_DECODE_BYTES / 1024**3:g} GiB: cut it into shorter videos, "
+                        "or use frame_extraction head/full with max_frames")  # fmt: skip
+    return count
+
+
 def _nearest_source(target_index: np.ndarray | int, ratio: float) -> np.ndarray:
     """Source frame nearest to target frame ``k`` when ``ratio = source_fps / target_fps`` (ties: earlier)."""
     return np.ceil(np.asarray(target_index, dtype=np.float64) * ratio - 0.5 - _EPS).astype(np.int64)
@@ -168,6 +206,7 @@ class _Decoded:
     count: int  # frames decoded
     bad_packets: int  # packets the decoder rejected, or 1 when demuxing broke off
     stopped_early: bool  # max_frames reached before the end of the stream
+    packets: int = 0  # non-empty packets demuxed, including those after max_frames (read, never decoded)
 
 
 def _decode_picked(container, stream, ratio: float, max_frames: int | None) -> _Decoded:
@@ -184,6 +223,9 @@ def _decode_picked(container, stream, ratio: float, max_frames: int | None) -> _
     to_rgb = VideoReformatter()
     try:
         for packet in container.demux(stream):
+            state.packets += bool(packet.size)
+            if state.stopped_early:
+                continue  # demux only (cheap): a truncated tail still shows as missing packets
             try:
                 frames = packet.decode()
             except av.FFmpegError:
@@ -200,8 +242,6 @@ def _decode_picked(container, stream, ratio: float, max_frames: int | None) -> _
                 if max_frames is not None and next_target >= max_frames:
                     state.stopped_early = True
                     break
-            if state.stopped_early:
-                break
     except av.FFmpegError:
         state.bad_packets += 1  # the demuxer itself broke off (cut inside a packet header)
     if last_frame is not None:
@@ -212,12 +252,11 @@ def _decode_picked(container, stream, ratio: float, max_frames: int | None) -> _
 
 
 def _is_damaged(decoded: _Decoded, declared: int) -> bool:
-    if decoded.stopped_early:
-        return False
     if decoded.bad_packets:
         return True
     frames, fraction = _SHORTFALL_TOLERANCE
-    return declared > 0 and declared - decoded.count > max(frames, fraction * declared)
+    found = decoded.packets if decoded.stopped_early else decoded.count  # past max_frames only packets are counted
+    return declared > 0 and declared - found > max(frames, fraction * declared)
 
 
 def read_frames(
@@ -270,7 +309,8 @@ def read_frames(
 
 
 def _apply_damage_policy(path, decoded: _Decoded, declared: int, usable: int, min_frames: int | None) -> None:
-    what = f"decoded {decoded.count} of {declared or '?'} frames"
+    what = (f"the container holds {decoded.packets} of {declared} frames" if decoded.stopped_early
+            else f"decoded {decoded.count} of {declared or '?'} frames")  # fmt: skip
     what += f", {decoded.bad_packets} unreadable packet(s)" if decoded.bad_packets else ""
     if min_frames is None or usable < min_frames:
         need = "" if min_frames is None else f"; need at least {min_frames} frames, have {usable}"

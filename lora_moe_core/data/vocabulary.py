@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import TYPE_CHECKING
 
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES, FAMILY_TABLE, IGNORED_TERMS, NUM_FAMILIES
+from lora_moe_core.guards.files import read_regular_bytes
+from lora_moe_core.guards.parse import load_toml
 
 if TYPE_CHECKING:
     import torch
@@ -141,12 +142,10 @@ class Vocabulary:
         if extra_toml_path is None:
             return vocab
         path = Path(extra_toml_path)
-        try:
-            data = tomllib.loads(path.read_bytes().decode("utf-8"))
-        except OSError as exc:
-            raise UserError(f"cannot read vocabulary file {path}: {exc.strerror or exc}") from None
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise UserError(f"malformed vocabulary file {path}: {exc}") from None
+        from lora_moe_core.data.dataset import decode_utf8
+
+        text = decode_utf8(read_regular_bytes(path, "vocabulary file"), f"vocabulary file {path}")
+        data = load_toml(text, f"malformed vocabulary file {path}")
         extra = set(data) - {"terms"}
         if extra or not isinstance(data.get("terms"), dict):
             found = ", ".join(sorted(extra)) or "nothing"

@@ -22,6 +22,7 @@ from lora_moe_core.evaluation import report
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.families import family as family_entry
 from lora_moe_core.formats.lora_files import read_lora
+from lora_moe_core.guards.files import removed_on_failure
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.context import TrackingContext
 
@@ -135,11 +136,6 @@ def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None
 
     entries = read_cache(settings.cache)
     _check_labels(entries, settings.cache)
-    out = Path(settings.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write the evaluation to {out}: {exc.strerror}") from None
     dits = load_dits(settings.task, settings.model)
     network = load_network(settings.lora_moe_weights, linear_shapes(dits["high"]))
     classifier = None
@@ -147,6 +143,13 @@ def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None
         from lora_moe_core.model.classifier import load_classifier
 
         classifier = load_classifier(settings.classifier_weights)
+    with removed_on_failure(settings.output_dir) as out:  # inputs are checked: only now is a folder created
+        return _evaluate(settings, entries, dits, network, classifier, out, context)
+
+
+def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, network, classifier, out: Path,
+              context: TrackingContext | None) -> dict[str, float]:  # fmt: skip
+    """The metrics, plots, samples and report of :func:`run_evaluation`, written into ``out``."""
     metrics: dict[str, float] = {}
     _loss_metrics(settings, entries, network, dits, metrics)
     routing = _routing(network, entries, classifier, metrics)

@@ -7,7 +7,6 @@ format. Only safetensors is read or written: pickled checkpoints can run code wh
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 from lora_moe_core.defaults import LORA_FORMATS
 from lora_moe_core.errors import UserError
 from lora_moe_core.formats.safetensors_io import read_safetensors, write_safetensors
+from lora_moe_core.guards.parse import load_json
 
 FORMATS = LORA_FORMATS  # the one list, in the order auto-detection prefers on a tie
 WRITE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
@@ -238,10 +238,7 @@ def _diffusers_alpha_rule(path: str, metadata: dict[str, str]):
     raw = metadata.get(DIFFUSERS_METADATA_KEY)
     if not raw:
         return None
-    try:
-        cfg = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: metadata '{DIFFUSERS_METADATA_KEY}' is not valid JSON ({exc})") from exc
+    cfg = load_json(raw, f"{path}: metadata '{DIFFUSERS_METADATA_KEY}'")
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: metadata '{DIFFUSERS_METADATA_KEY}' is not a JSON object")
     if any(k.startswith("transformer.") for k in cfg):  # pipeline.save_lora_weights prefixes the component
@@ -286,6 +283,8 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
                 f"but '{ukey}' has rank {up.shape[1]}"
             )
         rank = down.shape[0]
+        if rank == 0:
+            raise UserError(f"{path}: module '{name}' has rank 0 ('{dkey}' is empty): nothing to apply; remove it")
         # diffusers keys never carry an alpha, so _file_alpha gives alpha = rank (scale baked in) for them.
         alpha = alpha_rule(name, rank) if alpha_rule else _file_alpha(path, entry, rank)
         modules[name] = LoRAModuleWeights(down=down, up=up, alpha=alpha)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -12,14 +11,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import check_regular_file
+from lora_moe_core.guards.parse import load_json
+
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_header(path: Path, what: str) -> None:
     """Refuse missing files and pickles before safetensors parses anything, with actionable messages."""
-    if not path.exists():
-        raise UserError(f"{what} {path} does not exist")
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: False, not OSError, for a name too long to stat
         raise UserError(f"{what} path {path} is a directory; give the .safetensors file itself")
+    check_regular_file(path, what)  # a FIFO would block the reads below forever
     try:
         with path.open("rb") as handle:
             head = handle.read(16)
@@ -62,7 +64,10 @@ def read_safetensors(path: str | Path, what: str = "file") -> tuple[dict[str, to
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path} is not a valid safetensors {what} (truncated or corrupt: {reason})") from None
-    for key, tensor in tensors.items():
+    for key, tensor in list(tensors.items()):
+        if tensor.is_floating_point() and tensor.dtype not in _COMPUTE_DTYPES:
+            # fp8 (e4m3/e5m2) widens exactly to float32; torch implements almost no op (isfinite, matmul) on it
+            tensor = tensors[key] = tensor.float()
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             counts = {"NaN": int(tensor.isnan().sum()), "Inf": int(tensor.isinf().sum())}
             found = " and ".join(f"{count} {name}" for name, count in counts.items() if count)
@@ -121,7 +126,4 @@ def metadata_json(metadata: dict[str, str], key: str, path: str | Path) -> objec
     """Parse one JSON metadata entry, failing with the file and key named."""
     if key not in metadata:
         raise UserError(f"{path}: metadata '{key}' is missing (not a lora-moe file?)")
-    try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: metadata '{key}' is not valid JSON") from None
+    return load_json(metadata[key], f"{path}: metadata '{key}'")

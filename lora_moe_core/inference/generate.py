@@ -96,6 +96,10 @@ def check_generation_args(height: int, width: int, num_frames: int, num_inferenc
 
 def resolve_device(device: str | None) -> torch.device:
     """``None``/``auto`` → cuda when available, else cpu."""
+    from lora_moe_core.inference.request import DEVICE_PATTERN
+
+    if device is not None and not DEVICE_PATTERN.fullmatch(str(device)):
+        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
     try:
         resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else None
         resolved = resolved or torch.device(device)

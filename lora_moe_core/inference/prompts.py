@@ -6,13 +6,15 @@ not after 28B parameters were read.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import read_regular_bytes, refuse_clobber
+from lora_moe_core.guards.parse import load_json
+from lora_moe_core.storage.store import resolve_under
 
 #: Wan's own default negative prompt (Wan2.2 ``shared_config.py``); pass "" for none.
 WAN_NEGATIVE_PROMPT = (
@@ -52,11 +54,10 @@ def read_prompts_file(path: str | Path, output_dir: str | Path, template: Job) -
     """Jobs of a ``.txt`` (a prompt a line; blank and ``#`` lines skipped) or ``.jsonl`` file (keys: see
     ``_JSONL_KEYS``; ``output_path`` relative to ``output_dir``; missing keys come from ``template``, the flags).
     Videos default to ``<output_dir>/<index>_<slug>.mp4``."""
+    from lora_moe_core.data.dataset import decode_utf8
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    lines = decode_utf8(read_regular_bytes(path, "prompts file"), f"prompts file {path}").splitlines()
     entries = []
     for number, line in enumerate(lines, start=1):
         if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
@@ -64,29 +65,30 @@ def read_prompts_file(path: str | Path, output_dir: str | Path, template: Job) -
         entries.append(_jsonl_entry(path, number, line) if path.suffix == ".jsonl" else {"prompt": line.strip()})
     if not entries:
         raise UserError(f"prompts file {path} has no prompts")
-    return jobs_from_entries(entries, output_dir, template)
+    return jobs_from_entries(entries, output_dir, template, source=str(path))
 
 
 def jobs_from_entries(entries: list[dict[str, Any]], output_dir: str | Path, template: Job,
-                      where: str | None = None) -> list[Job]:  # fmt: skip
-    """Jobs of prompt entries (the keys of a ``.jsonl`` line); ``where`` names them in errors when not yet checked."""
+                      where: str | None = None, source: str = "prompts") -> list[Job]:  # fmt: skip
+    """Jobs of prompt entries (the keys of a ``.jsonl`` line); ``where`` names them in errors when not yet checked,
+    ``source`` (the prompts file) when they were. An ``output_path`` must stay inside ``output_dir``."""
     if where is not None:
         if not entries:
             raise UserError(f"{where}: no prompts")
         entries = [_checked_entry(where, number, dict(entry)) for number, entry in enumerate(entries, start=1)]
     jobs = []
     for index, entry in enumerate(entries):
-        output = Path(output_dir) / entry.pop("output_path", f"{index:03d}_{slug(entry['prompt'])}.mp4")
+        name = entry.pop("output_path", f"{index:03d}_{slug(entry['prompt'])}.mp4")
+        try:  # a prompts file may name its videos, but only inside --output_dir
+            output = resolve_under(output_dir, name)
+        except UserError as exc:
+            raise UserError(f"{where or source}: entry {index + 1}: output_path {exc}") from None
         jobs.append(replace(template, output_path=output, **entry))
     return jobs
 
 
 def _jsonl_entry(path: Path, number: int, line: str) -> dict[str, Any]:
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-    return _checked_entry(str(path), number, entry)
+    return _checked_entry(str(path), number, load_json(line, f"{path}:{number}"))
 
 
 def _checked_entry(where: str, number: int, entry: Any) -> dict[str, Any]:
@@ -107,6 +109,9 @@ def plan_jobs(args: Any) -> list[Job]:
     from lora_moe_core.data.dataset import check_caption
     from lora_moe_core.data.mp4 import check_writable
     from lora_moe_core.data.vocabulary import parse_instrument_hint
+    from lora_moe_core.guards.numbers import check_int
+    from lora_moe_core.guards.text import check_text
+    from lora_moe_core.inference.request import MAX_SEED
 
     if sum(source is not None for source in (args.prompt, args.prompts_file, args.prompts)) != 1:
         raise UserError("give exactly one of --prompt and --prompts_file")
@@ -119,11 +124,17 @@ def plan_jobs(args: Any) -> list[Job]:
     else:
         jobs = [template]
     outputs = [job.output_path.resolve() for job in jobs]
+    written = [path for job in jobs for path in (job.output_path, job.output_path.with_suffix(".gates.json"))]
+    inputs = [args.lora_moe_weights, args.prompts_file, args.classifier_weights, *(job.reference_video for job in jobs)]
+    refuse_clobber(written, inputs, "infer")
     if len(set(outputs)) != len(outputs):
         raise UserError(f"two prompts write the same video {next(o for o in outputs if outputs.count(o) > 1)}")
     where = args.prompts_file or ("prompts" if args.prompts is not None else "--prompt")
     for job in jobs:
         check_caption(job.prompt, where)  # the captions' limits: no control codes, at most MAX_CAPTION_CHARS
+        check_int("seed", job.seed, 0, MAX_SEED)
+        if job.negative_prompt is not None:
+            check_text(job.negative_prompt, where, "negative prompt")
         if job.instrument_hint is not None:
             parse_instrument_hint(job.instrument_hint)  # a typo fails now, not after loading 28B parameters
         if job.reference_video is not None and not Path(job.reference_video).is_file():

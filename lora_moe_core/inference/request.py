@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT
+from lora_moe_core.errors import UserError
+from lora_moe_core.guards.numbers import check_int, check_number
+from lora_moe_core.guards.text import check_text
+
+#: Devices a video can be generated on; "meta" or "xla" would load no weights and fail deep inside diffusers.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d{1,2})?")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows past 64 bits
+MAX_SIDE, MAX_FRAMES = 4096, 1025  # beyond what Wan2.2 generates (1280x720, 81-121 frames), far beyond memory
 
 
 @dataclass
@@ -38,6 +47,24 @@ class InferenceRequest:
     merge: bool = False
     device: str = "auto"
     dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        """Every number finite and in range, the device one we can run on, the negative prompt clean text: the same
+        limits for the CLI flags, the pipeline's infer step and library callers."""
+        check_number("alpha_base", self.alpha_base, at_least=0)
+        check_number("alpha_expert", self.alpha_expert, at_least=0)
+        check_number("guidance_scale", self.guidance_scale, at_least=0)
+        check_number("guidance_scale_2", self.guidance_scale_2, at_least=0)
+        check_number("flow_shift", self.flow_shift, above=0)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("num_inference_steps", self.num_inference_steps, 1, 1000)
+        check_int("height", self.height, 16, MAX_SIDE)
+        check_int("width", self.width, 16, MAX_SIDE)
+        check_int("num_frames", self.num_frames, 1, MAX_FRAMES)
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise UserError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.negative_prompt is not None:
+            check_text(self.negative_prompt, "--negative_prompt", "negative prompt")
 
     @classmethod
     def from_namespace(cls, values: Any) -> InferenceRequest:

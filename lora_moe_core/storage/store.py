@@ -12,6 +12,7 @@ checked against the stored size, that SHA256 and the server's ETag; downloads ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import logging
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from lora_moe_core.errors import UserError, disk_full_reason
+from lora_moe_core.guards.files import os_reason, read_regular_bytes
 from lora_moe_core.storage.s3_backend import (
     _MISSING_CODES,
     _TRANSIENT,
@@ -103,6 +105,8 @@ def _local_errors(path: PathOrUri, written: PathOrUri | None = None) -> Iterator
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         raise UserError(f"{exc.filename or path}: {exc.strerror}") from exc
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UserError(f"{written or path}: {os_reason(exc)}") from exc
         if (reason := disk_full_reason(exc)) is None:
             raise
         raise UserError(f"cannot write {written or exc.filename or path}: {reason}") from exc
@@ -290,8 +294,7 @@ class Storage:
         """The whole content of a file or object."""
         text = os.fspath(uri)
         if not is_s3(text):
-            with _local_errors(text):
-                return Path(text).read_bytes()
+            return read_regular_bytes(text)  # never a FIFO or a device: reading one could block forever
         buffer = io.BytesIO()
         self._fetch(text, buffer)
         return buffer.getvalue()

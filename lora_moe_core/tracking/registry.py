@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, REGISTRY_ALIAS
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import removed_on_failure
 from lora_moe_core.tracking.context import TrackingContext
 
 CHECKPOINT_NAME = "lora_moe_final.safetensors"
@@ -44,15 +45,16 @@ def register_checkpoint(checkpoint: str | Path, name: str, work_dir: str | Path,
     from lora_moe_core.tracking.tracker import MLflowTracker, start_tracker
 
     context = context if context is not None else TrackingContext.from_env()
-    folder = package_model(checkpoint, Path(work_dir) / "model", exported)
-    with start_tracker(f"register-{name}", tracking_uri=tracking_uri, tags={"stage": "register"},
-                       output_dir=Path(work_dir), context=context) as run:  # fmt: skip
-        if not isinstance(run, MLflowTracker):
-            return ""
-        run.log_artifact(folder, "model")
-        tags = {"format": "safetensors", **({"kfp.run_id": context.kfp_run_id} if context.kfp_run_id else {})}
-        version = register_model(run, name, "model", run.run_id, alias=alias, tags=tags)
-        run.set_tags({"registered_model": f"{name}/{version}"})
+    with removed_on_failure(work_dir) as work:  # a bad checkpoint or a refused registration leaves no work_dir
+        folder = package_model(checkpoint, work / "model", exported)
+        with start_tracker(f"register-{name}", tracking_uri=tracking_uri, tags={"stage": "register"},
+                           output_dir=work, context=context) as run:  # fmt: skip
+            if not isinstance(run, MLflowTracker):
+                return ""
+            run.log_artifact(folder, "model")
+            tags = {"format": "safetensors", **({"kfp.run_id": context.kfp_run_id} if context.kfp_run_id else {})}
+            version = register_model(run, name, "model", run.run_id, alias=alias, tags=tags)
+            run.set_tags({"registered_model": f"{name}/{version}"})
     return version
 
 

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_moe_core.data.dataset import decode_utf8
 from lora_moe_core.defaults import EXPERIMENT
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import read_regular_bytes
+from lora_moe_core.guards.parse import load_json
 from lora_moe_core.redaction import redact_url
 from lora_moe_core.tracking.tracker import _REJECTED_CODES, MLflowTracker, _Rejected, _set_http_defaults, _short
 
@@ -38,20 +41,46 @@ class ReplayedRun:
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read tracking fallback file {path}: {exc.strerror or exc}") from None
+    """The tracking lines of a fallback file; a garbage line (but a last one cut short) is a one-line error."""
+    text = decode_utf8(read_regular_bytes(path, "tracking fallback file"), f"tracking fallback file {path}")
+    raws = text.splitlines()
     lines = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError:  # the last line of a process killed mid-write
-            log.warning("tracking: %s line %d is not JSON (cut short?); skipped", path, number)
+    for number, raw in enumerate(raws, 1):
+        if not raw.strip():
             continue
-        if isinstance(line, dict) and line.get("tracker"):
-            lines.append(line)
+        try:
+            line = load_json(raw, f"{path}:{number}")
+        except UserError:
+            if number < len(raws):
+                raise
+            log.warning("tracking: %s line %d is not JSON (cut short?); skipped", path, number)
+            continue  # the last line of a process killed mid-write
+        problem = _line_problem(line)
+        if problem:
+            raise UserError(f"{path}:{number}: {problem}: not a line of a tracking_fallback.jsonl a run wrote")
+        lines.append(line)
+    if not lines:
+        raise UserError(f"{path} holds no tracking line: not a tracking_fallback.jsonl a run wrote")
     return lines
+
+
+def _line_problem(line: Any) -> str | None:
+    """What makes a parsed line unusable by the replay (the fields ``_unsent`` and ``_replay_tracker`` read)."""
+    if not isinstance(line, dict):
+        return f"a {type(line).__name__}, not an object"
+    if not isinstance(line.get("tracker"), str) or not isinstance(line.get("kind"), str):
+        return "no 'tracker' and 'kind' strings"
+    number = {"replayed": "upto", **dict.fromkeys(SENDABLE, "seq")}.get(line["kind"])
+    if number and (not isinstance(line.get(number), int) or isinstance(line.get(number), bool)):
+        return f"'{line['kind']}' line without an integer '{number}'"
+    kind = line["kind"]
+    if kind in ("metrics", "params", "tags") and not isinstance(line.get(kind), dict):
+        return f"'{kind}' line without a '{kind}' object"
+    if kind == "metrics" and not all(isinstance(line.get(key), int) for key in ("step", "timestamp")):
+        return "'metrics' line without integer 'step' and 'timestamp'"
+    if kind in SENDABLE and not isinstance(line.get("run_name"), str):
+        return f"'{kind}' line without a 'run_name'"
+    return None
 
 
 def _unsent(lines: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None, list[dict[str, Any]]]:

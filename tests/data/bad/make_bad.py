@@ -245,6 +245,24 @@ def _lora_with(value: float) -> bytes:
     return _lora(down, _ramp(24, 4))
 
 
+def _fp8_lora(module: str = "lora_unet_blocks_3_self_attn_q") -> bytes:
+    """A musubi LoRA stored in float8 e4m3 (1 byte a value; bytes 0x30-0x36 are finite values 0.5-0.875)."""
+    header, blobs, offset = {}, [], 0
+    for key, shape in ((f"{module}.lora_down.weight", [4, 24]), (f"{module}.lora_up.weight", [24, 4])):
+        blob = bytes(0x30 + index % 7 for index in range(shape[0] * shape[1]))
+        header[key] = {"dtype": "F8_E4M3", "shape": shape, "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+def _tracking_garbage() -> bytes:
+    """A fallback file whose first line is JSON but no tracking call (a metrics line without step or payload)."""
+    return _jsonl({"tracker": "t1", "kind": "metrics", "seq": 1}, {"tracker": "t1", "kind": "close", "seq": 2})
+
+
 class _Tensor:
     """Pickles as a call of ``torch._utils._rebuild_tensor_v2``, as a real checkpoint does (nothing here loads it)."""
 
@@ -308,6 +326,24 @@ def corpus(ok: bytes) -> dict[str, bytes]:
         "lora_truncated.safetensors": ok_lora[:-100],
         "lora_pickle.ckpt": _legacy_pickle(),
         "lora_pickle.pt": _zip_pickle(),
+        # round two (issue #14)
+        "prompts_escape.jsonl": _jsonl({"prompt": CAPTION, "output_path": "../../x.mp4"}),
+        "dataset_huge_resolution.toml": b"[general]\nresolution = [65536, 65536]\n\n[[datasets]]\n"
+        b'video_jsonl_file = "ok.jsonl"\n',
+        "labels_other_videos.jsonl": _jsonl({"video_path": "other.mp4", "families": ["Hook"],
+                                             "probs": [0.0, 1.0, 0.0, 0.0]}),  # fmt: skip
+        "labels_zero_probs.jsonl": _jsonl({"video_path": "ok.mp4", "families": [], "probs": [0, 0, 0, 0]}),
+        "config_inf_lr.toml": b"[training]\nlearning_rate = inf\n",
+        "config_zero_ranks.toml": b"[lora]\nrank_q = 0\nrank_k = 0\nrank_v = 0\nrank_o = 0\nrank_ffn = 0\n",
+        "config_deep.toml": b"[training]\nexperiment = " + b"[" * 2000 + b"\n",
+        "manifest_deep.jsonl": b"[" * 2000 + b"\n",
+        "manifest_bigint.jsonl": b'{"video_path": "ok.mp4", "caption": "hook", "id": ' + b"9" * 5000 + b"}\n",
+        "caption_surrogate.jsonl": b'{"video_path": "ok.mp4", "caption": "hook \\ud800 cautery"}\n',
+        "caption_bidi.jsonl": _jsonl({"video_path": "ok.mp4", "caption": "电凝钩\u202e分离组织"}),
+        "lora_rank0.safetensors": _lora(np.zeros((0, 24), np.float32), np.zeros((24, 0), np.float32)),
+        "lora_fp8.safetensors": _fp8_lora(),
+        "tracking_garbage.jsonl": _tracking_garbage(),
+        "tracking_no_json.jsonl": b"this is not a tracking file\nnor is this\n",
     }
 
 

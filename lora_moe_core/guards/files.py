@@ -1,0 +1,146 @@
+"""User files: opened only when they are regular files; outputs that would overwrite an input are refused.
+
+``open()`` on a named pipe blocks until a writer appears (forever, for a hostile input), and a device such as
+``/dev/zero`` never ends: both are refused from ``stat`` before anything reads them. Names longer than the file
+system allows (255 bytes on ext4) are a one-line error, not an ``OSError 36`` traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lora_moe_core.errors import UserError
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def os_reason(exc: OSError) -> str:
+    """A short reason for a failed file-system call, naming over-long file names with the limit."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return "file name too long (at most 255 bytes per name on this file system)"
+    return exc.strerror or str(exc)
+
+
+def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> Path:
+    """``path`` when it is a regular file (symlinks followed); else a one-line UserError naming it.
+
+    Raises:
+        UserError: missing, a folder, a named pipe/device/socket, or a name the file system refuses.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        raise UserError(f"cannot read {what} {_short(path)}: {reason}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise UserError(f"{what} {path} is {kind}, not a regular file (reading it could block forever)")
+    return path
+
+
+def read_regular_bytes(path: str | os.PathLike[str], what: str = "file") -> bytes:
+    """The bytes of a regular file. Opened non-blocking and checked again on the open descriptor, so a file
+    swapped for a FIFO after :func:`check_regular_file` still cannot block the reader."""
+    path = check_regular_file(path, what)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {_short(path)}: {os_reason(exc)}") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise UserError(f"{what} {path} is not a regular file (reading it could block forever)")
+        os.set_blocking(descriptor, True)
+        return handle.read()
+
+
+def check_output_name(path: str | os.PathLike[str], what: str = "output") -> None:
+    """Refuse an output whose file name the file system cannot hold, before any work is done."""
+    name = Path(path).name
+    if len(os.fsencode(name)) > 255 - len(".tmp") - 12:  # room for the temp name an atomic write uses
+        raise UserError(f"{what} {_short(Path(path))}: file name too long ({len(os.fsencode(name))} bytes; "
+                        "at most 239 bytes per name)")  # fmt: skip
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create ``folder`` (and missing parents) for a command's outputs; when the block raises, remove the folders
+    this call created, so that a failed command leaves nothing behind. A folder that existed is left as it was.
+
+    Raises:
+        UserError: when the folder cannot be created.
+    """
+    folder = Path(folder)
+    top = folder.absolute()
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent  # the highest folder that this call creates
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {_short(folder)}: {os_reason(exc)}") from None
+    try:
+        yield folder
+    except BaseException:
+        if created:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _short(path: Path) -> str:
+    """A path fit for a one-line message: an over-long name keeps its first and last characters."""
+    text = str(path)
+    return text if len(text) <= 160 else f"{text[:80]}...{text[-60:]}"
+
+
+def _resolved(path: str | os.PathLike[str]) -> Path | None:
+    text = os.fspath(path)
+    if text.startswith("s3://"):
+        return None
+    try:
+        return Path(text).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def _same(output: Path, source: Path) -> bool:
+    if output == source:
+        return True
+    try:  # hard links and bind mounts: the same inode under another name
+        return output.exists() and source.exists() and os.path.samefile(output, source)
+    except OSError:
+        return False
+
+
+def refuse_clobber(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str] | None],
+                   command: str) -> None:  # fmt: skip
+    """Refuse a run whose output files (or folders) would overwrite or hold one of its input files.
+
+    Args:
+        outputs: the files a command will write, and folders it will write into (a folder counts as the
+            clobbering of any input inside it only when the command names the file: pass the files).
+        inputs: the files the command reads (None entries and ``s3://`` URIs are skipped).
+        command: the command's name for the message, e.g. ``infer``.
+
+    Raises:
+        UserError: naming the output and the input it would destroy.
+    """
+    sources = [(raw, path) for raw in inputs if raw is not None and (path := _resolved(raw)) is not None]
+    for output in outputs:
+        target = _resolved(output)
+        if target is None:
+            continue
+        for raw, source in sources:
+            if _same(target, source):
+                raise UserError(f"{command}: output {output} would overwrite the input {raw}; write elsewhere")
