@@ -28,9 +28,10 @@ def compile_pipeline(name: str, path: str | Path, settings: ClusterSettings | No
     from kfp import compiler
 
     path = Path(path)
+    pipeline = build(name, settings)  # its own errors are its own, not a write failure
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        compiler.Compiler().compile(build(name, settings), str(path))
+        compiler.Compiler().compile(pipeline, str(path))
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
     load_ir(path)
