@@ -1,4 +1,5 @@
-"""`lora-moe evaluate`: held-out losses for base / Stage 1 / Stage 2, routing, samples, plots, report, MLflow.
+"""`lora-moe evaluate`: held-out losses for base / Stage 1 / Stage 2, routing, the misrouting matrix and
+specialisation score (:mod:`specialisation`), samples, plots, report, MLflow.
 
 ``metrics.json`` is flat (``{"key": number}``); every key is documented in :data:`report.LEGEND`. The routing
 confusion matrix is flattened to ``routing.confusion.<caption family>.<top expert>`` counts.
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lora_moe_core import evaluation, report
+from lora_moe_core import evaluation, report, specialisation
 from lora_moe_core.checkpoint import load_network
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
@@ -146,6 +147,9 @@ def run_evaluation(settings: EvaluationSettings) -> dict[str, float]:
         classifier = load_classifier(settings.classifier_weights)
     metrics: dict[str, float] = {}
     _loss_metrics(settings, entries, network, dits, metrics)
+    boundary = get_task(settings.task).boundary_ratio
+    found, misrouting = specialisation.specialisation_metrics(network, entries, dits, boundary, settings.seed)
+    metrics.update(found)
     routing = _routing(network, entries, classifier, metrics)
     videos = _samples(settings, entries, classifier, out, metrics) if settings.samples_per_family else []
     gates = network.timestep_gates
@@ -153,7 +157,8 @@ def run_evaluation(settings: EvaluationSettings) -> dict[str, float]:
              report.plot_confusion(routing["confusion"], out / "routing_confusion.png"),
              report.plot_gates(routing["gate_means"], out / "gates_per_family.png"),
              report.plot_gate_vs_timestep(gates.bucket_gates().tolist(), gates.boundaries.tolist(),
-                                          out / "gate_vs_timestep.png")]  # fmt: skip
+                                          out / "gate_vs_timestep.png"),
+             report.plot_misrouting(misrouting, out / "misrouting_matrix.png")]  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     report.write_report(metrics, plots, videos, out / "report.html")
     _track(settings, metrics, out)
