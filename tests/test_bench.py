@@ -58,7 +58,7 @@ def test_method_benchmark_smoke_reports_every_arm(tmp_path):
     assert {"stage1", "routed", "shuffled", "uniform", "vanilla", "oracle"} <= arms.keys()
     assert arms["routed"]["steps"] == arms["uniform"]["steps"] == arms["vanilla"]["steps"]  # matched steps
     for arm in ("routed", "shuffled", "uniform", "oracle"):
-        metrics = arms[arm]
-        assert metrics["specialisation.ci_low"] <= metrics["specialisation.score"] <= metrics["specialisation.ci_high"]
+        # a percentile interval of 2 clips per family need not contain the point estimate; only its order is fixed
+        assert arms[arm]["specialisation.ci_low"] <= arms[arm]["specialisation.ci_high"]
     assert set(report["verdict"]) >= {"routed_interval_below_zero", "routed_beats_vanilla", "routed_beats_uniform"}
     assert "| routed |" in result.stdout
