@@ -45,3 +45,20 @@ def test_ddp_benchmark_smoke_runs_two_processes(tmp_path):
     compared = subprocess.run([sys.executable, str(BENCH / "ddp_step.py"), "--compare", str(out)],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "scaling efficiency 100.0%" in compared.stdout
+
+
+def test_method_benchmark_smoke_reports_every_arm(tmp_path):
+    """bench/method.py (issue 13) end to end on a few clips and steps: every arm, the verdict, the table."""
+    out = tmp_path / "method.json"
+    result = subprocess.run([sys.executable, str(BENCH / "method.py"), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    arms = report["per_seed"][0]
+    assert {"stage1", "routed", "shuffled", "uniform", "vanilla", "oracle"} <= arms.keys()
+    assert arms["routed"]["steps"] == arms["uniform"]["steps"] == arms["vanilla"]["steps"]  # matched steps
+    for arm in ("routed", "shuffled", "uniform", "oracle"):
+        # a percentile interval of 2 clips per family need not contain the point estimate; only its order is fixed
+        assert arms[arm]["specialisation.ci_low"] <= arms[arm]["specialisation.ci_high"]
+    assert set(report["verdict"]) >= {"routed_interval_below_zero", "routed_beats_vanilla", "routed_beats_uniform"}
+    assert "| routed |" in result.stdout

@@ -55,10 +55,27 @@ def test_metrics_json_is_flat_and_has_the_documented_keys(evaluated):
         assert f"roi_loss.{family}.stage1" in metrics and f"roi_loss.{family}.stage2" in metrics
         assert 0.0 <= metrics[f"usage.{family}"] <= 1.0
     assert metrics["routing.accuracy"] == 1.0  # routed by the caption labels it was trained with
-    assert 0 < metrics["routing.entropy"] <= 1.3863
+    assert 0 < metrics["routing.usage_entropy"] <= 1.3863
+    assert 0 <= metrics["routing.gate_entropy_per_clip"] <= 1.3863
     assert sum(metrics[f"routing.confusion.{f}.{e}"] for f in FAMILIES for e in FAMILIES) == 8
     assert {"samples.flicker", "samples.presence_accuracy", "samples.frechet_classifier"} <= metrics.keys()
     assert len(list((evaluated / "samples").glob("*.mp4"))) == 4
+
+
+def test_metrics_json_has_the_specialisation_evidence(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    present = [f for f in FAMILIES if f"val_loss.{f}.stage2" in metrics]
+    assert len(present) >= 2
+    for family in present:
+        row = [metrics[f"misrouting.{family}.{expert}"] for expert in FAMILIES]
+        assert all(value > 0 for value in row)
+        own = row[FAMILIES.index(family)]
+        increase = (sum(row) - own) / 3 / own - 1
+        assert metrics[f"misrouting.wrong_expert_increase.{family}"] == pytest.approx(increase)
+    assert metrics["specialisation.ci_low"] <= metrics["specialisation.score"] <= metrics["specialisation.ci_high"]
+    # the learned route on the same (t, noise) pairs is exactly what val_loss.all.stage2 measured
+    assert metrics["gates.learned.val_loss"] == pytest.approx(metrics["val_loss.all.stage2"], rel=1e-5)
+    assert metrics["gates.uniform.val_loss"] > 0
 
 
 def test_stage2_fits_held_out_clips_better_than_stage1(evaluated):
@@ -74,7 +91,8 @@ def test_report_renders_its_plots_in_headless_chromium(evaluated, tmp_path):
                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}",
                "--virtual-time-budget=5000", "--dump-dom", (evaluated / "report.html").as_uri()]  # fmt: skip
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
-    assert 'data-images-loaded="4"' in dom and 'data-images-broken="0"' in dom, dom[-500:]
+    assert 'data-images-loaded="5"' in dom and 'data-images-broken="0"' in dom, dom[-500:]
+    assert "misrouting.wrong_expert_increase" in dom and "specialisation score" in dom
     assert dom.count("<video") == 4
 
 

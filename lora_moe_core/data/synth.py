@@ -126,6 +126,8 @@ def generate_dataset(
     fps: int = 16,
     *,
     progress: Callable[[int, int], None] | None = None,
+    render: Callable = render_clip,
+    two_instrument_share: float = TWO_INSTRUMENT_SHARE,
 ) -> list[dict]:
     """Write ``num_videos`` synthetic clips, their captions, ``dataset.toml`` and ``manifest.jsonl``.
 
@@ -134,6 +136,8 @@ def generate_dataset(
     x1/y1 exclusive, inside the frame), ``instruments`` (FAMILIES order), ``width``, ``height``,
     ``num_frames``, ``fps``. Old ``clip_*.mp4``/``.txt`` files in ``videos/`` that this run did not
     write are removed so the folder matches the manifest. ``progress(done, total)`` is called per clip.
+    ``render`` draws a clip (``render_clip``'s signature; :mod:`synth_families` passes its own) and
+    ``two_instrument_share`` is the share of clips showing two families.
 
     Raises UserError (one line) for bad sizes or counts and for an unwritable ``output_dir``.
     """
@@ -145,14 +149,14 @@ def generate_dataset(
     for i, (primary, english) in enumerate(_plan_dataset(seed, num_videos)):
         rng = np.random.default_rng([seed, 1, i])  # per clip: clip i is the same whatever num_videos is
         chosen = {primary}
-        if rng.random() < TWO_INSTRUMENT_SHARE:
+        if rng.random() < two_instrument_share:
             chosen.add(str(rng.choice([f for f in FAMILIES if f != primary])))
         families = [f for f in FAMILIES if f in chosen]
         caption = make_caption(families, rng, english=english)
         labelled = vocab.match(caption).families
         if labelled != families:  # a template bug, not a user error: fail loudly
             raise AssertionError(f"synthetic caption {caption!r} labels as {labelled}, expected {families}")
-        frames, roi = render_clip(rng, families, width, height, num_frames, fps)
+        frames, roi = render(rng, families, width, height, num_frames, fps)
         stem = f"clip_{i:0{digits}d}"
         _write_text(videos / f"{stem}.txt", caption)  # caption first: an orphan caption is harmless
         write_mp4(videos / f"{stem}.mp4", frames, fps)

@@ -95,7 +95,10 @@ def routing_metrics(network, entries: list[CacheEntry], classifier: nn.Module | 
         confusion[row, expert] += 1
     metrics: dict[str, object] = {
         "routing.accuracy": float((labels.gather(1, top[:, None]) > 0).float().mean()),
-        "routing.entropy": float(losses.entropy(probs.mean(dim=0))),
+        # usage entropy is high whenever the experts are used equally often overall, even if every clip is
+        # routed to a single expert; the per-clip entropy tells those apart
+        "routing.usage_entropy": float(losses.entropy(gates.mean(dim=0))),
+        "routing.gate_entropy_per_clip": float(losses.entropy(gates).mean()),
         "routing.teacher_kl": float(losses.teacher_kl_loss(probs, teacher)),
         "routing.confusion": confusion.tolist(),
         "routing.gate_means": {

@@ -94,6 +94,22 @@ def plot_gate_vs_timestep(bucket_gates: list[list[float]], boundaries: list[floa
     return _save(figure, path)
 
 
+def plot_misrouting(matrix: np.ndarray, path: Path) -> Path:
+    """Held-out loss of each family's clips (rows) forced onto each expert (columns), with the relative excess over
+    the row's own expert, so a specialised model shows its minimum on the diagonal."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    image = axis.imshow(matrix, cmap="magma_r")
+    for (row, column), value in np.ndenumerate(matrix):
+        excess = value / matrix[row, row] - 1 if np.isfinite(value) else np.nan
+        axis.text(column, row, f"{value:.3f}\n{excess:+.1%}", ha="center", va="center", color="grey", fontsize=8)
+    axis.set_xticks(range(len(FAMILIES)), FAMILIES)
+    axis.set_yticks(range(len(FAMILIES)), FAMILIES)
+    axis.set(xlabel="forced expert", ylabel="clip family", title="misrouting matrix (held-out loss)")
+    figure.colorbar(image)
+    return _save(figure, path)
+
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>LoRA-MoE evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} img{{max-width:520px;margin:4px}}
@@ -117,9 +133,23 @@ window.addEventListener("load", () => {{
 LEGEND = {
     "val_loss.<Family>.<model>": "held-out flow-matching loss at fixed (t, noise) pairs, clips naming that family",
     "roi_loss.<Family>.<model>": "the same error on the tool-tip cells only (ROI maps from the tip boxes)",
-    "routing.accuracy": "share of labelled clips whose largest gate is a family their caption names",
+    "routing.accuracy": "share of labelled clips whose largest gate is a family their caption names (the router's "
+    "input is those labels: this checks the router, not whether the experts specialise)",
     "routing.classifier_accuracy": "the same with gates from the instrument classifier instead of the caption",
-    "routing.entropy": "entropy of the mean routing distribution (collapse below 0.5)",
+    "routing.usage_entropy": "entropy of the mean gates over held-out clips (expert usage; collapse below 0.5). "
+    "High even when every clip goes to one expert, as long as the experts are used equally often",
+    "routing.gate_entropy_per_clip": "mean over held-out clips of the entropy of each clip's gates "
+    "(0: one expert per clip; ln 4 = 1.386: uniform gates)",
+    "misrouting.<Family>.<Expert>": "held-out loss of the clips naming that family, all forced onto that expert "
+    "(one-hot router gates, same fixed (t, noise) pairs as val_loss)",
+    "misrouting.wrong_expert_increase.<Family>": "(mean loss on the wrong experts - loss on its own expert) / "
+    "loss on its own expert, for that family's clips",
+    "specialisation.score": "mean diagonal of the misrouting matrix after removing family (row) and expert (column) "
+    "effects; negative: each family's own expert is better for it than the expert's overall quality predicts",
+    "specialisation.ci_low / ci_high": "95% percentile-bootstrap interval of the score (clips resampled within each "
+    "family, fixed seed); specialisation is shown only when the whole interval is below 0",
+    "gates.learned.val_loss / gates.uniform.val_loss": "held-out loss of the same Stage-2 checkpoint with its "
+    "learned (caption-routed) gates and with uniform gates (0.25 each)",
     "usage.<Family>": "mean gate of that expert over the held-out clips",
     "samples.presence_accuracy": "instrument classifier finds the prompted family in generated clips "
     "(stands in for a tool-presence model; no downloaded weights exist)",
@@ -148,6 +178,9 @@ def write_report(metrics: dict, plots: list[Path], videos: list[Path], path: Pat
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in LEGEND.items())
     accuracy = metrics.get("routing.accuracy")
     summary = "routing accuracy " + (f"{accuracy:.2f}" if isinstance(accuracy, float) else "n/a")
+    if "specialisation.score" in metrics:
+        low, high = metrics["specialisation.ci_low"], metrics["specialisation.ci_high"]
+        summary += f"; specialisation score {metrics['specialisation.score']:+.4f} (95% CI {low:+.4f} to {high:+.4f})"
     page = _PAGE.format(summary=html.escape(summary), images=images, videos=clips or "<p>none</p>", rows=rows,
                         legend=legend)  # fmt: skip
     path.write_text(page, encoding="utf-8")

@@ -1,4 +1,5 @@
-"""`lora-moe evaluate`: held-out losses for base / Stage 1 / Stage 2, routing, samples, plots, report, MLflow.
+"""`lora-moe evaluate`: held-out losses for base / Stage 1 / Stage 2, routing, the misrouting matrix and
+specialisation score (:mod:`specialisation`), samples, plots, report, MLflow.
 
 ``metrics.json`` is flat (``{"key": number}``); every key is documented in :data:`report.LEGEND`. The routing
 confusion matrix is flattened to ``routing.confusion.<caption family>.<top expert>`` counts.
@@ -18,7 +19,7 @@ from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork
 from lora_moe_core.data.latent_cache import CacheEntry, read_cache
 from lora_moe_core.errors import UserError
 from lora_moe_core.evaluation import metrics as evaluation
-from lora_moe_core.evaluation import report
+from lora_moe_core.evaluation import report, specialisation
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.families import family as family_entry
 from lora_moe_core.formats.lora_files import read_lora
@@ -152,6 +153,9 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
     """The metrics, plots, samples and report of :func:`run_evaluation`, written into ``out``."""
     metrics: dict[str, float] = {}
     _loss_metrics(settings, entries, network, dits, metrics)
+    boundary = get_task(settings.task).boundary_ratio
+    found, misrouting = specialisation.specialisation_metrics(network, entries, dits, boundary, settings.seed)
+    metrics.update(found)
     routing = _routing(network, entries, classifier, metrics)
     videos = _samples(settings, entries, classifier, out, metrics) if settings.samples_per_family else []
     gates = network.timestep_gates
@@ -159,7 +163,8 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
              report.plot_confusion(routing["confusion"], out / "routing_confusion.png"),
              report.plot_gates(routing["gate_means"], out / "gates_per_family.png"),
              report.plot_gate_vs_timestep(gates.bucket_gates().tolist(), gates.boundaries.tolist(),
-                                          out / "gate_vs_timestep.png")]  # fmt: skip
+                                          out / "gate_vs_timestep.png"),
+             report.plot_misrouting(misrouting, out / "misrouting_matrix.png")]  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     report.write_report(metrics, plots, videos, out / "report.html")
     _track(settings, metrics, out, context)

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.model.tiny_vae import make_patch_average_encoder
 from lora_moe_core.model.wan import build_transformer, get_task
 
-# base_dim 8: narrower random VAEs lose most of what tells the instruments apart (a linear probe on base_dim 3
-# latents is at chance on synthetic clips); wider ones make CPU conv3d the cost of caching and inference.
+# base_dim 8: the deterministic encoder (tiny_vae.py) needs >= 4 channels; wider ones make CPU conv3d the cost of
+# caching and inference.
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
 TINY_TEXT_ENCODER = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8)
 MAX_SEQUENCE_LENGTH = 512  # UMT5 context Wan was trained with; prompts are zero-padded to it
@@ -71,7 +72,7 @@ def build_tiny_tokenizer() -> Any:
 
 @functools.lru_cache(maxsize=2)
 def build_tiny_encoders(seed: int = 0) -> Encoders:
-    """Random tiny VAE and UMT5 encoder matching the tiny DiT (text width 16).
+    """Tiny VAE (deterministic patch-average encoder, see :mod:`tiny_vae`) and random UMT5 encoder (text width 16).
 
     Memoised: the result is deterministic and used read-only (eval, no grad), and building it includes a
     calibration pass that would otherwise repeat in every command of one process (tests, the local pipeline).
@@ -82,6 +83,7 @@ def build_tiny_encoders(seed: int = 0) -> Encoders:
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**TINY_VAE).eval()
+    make_patch_average_encoder(vae, seed)  # a random encoder erases what tells the families apart (issue #13)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_TEXT_ENCODER))
     _calibrate_latent_stats(vae)
     return Encoders(vae, text_encoder.eval(), tokenizer)
@@ -89,9 +91,9 @@ def build_tiny_encoders(seed: int = 0) -> Encoders:
 
 @torch.no_grad()
 def _calibrate_latent_stats(vae: nn.Module) -> None:
-    """Set ``latents_mean``/``latents_std`` to this random VAE's own per-channel statistics.
+    """Set ``latents_mean``/``latents_std`` to this tiny VAE's own per-channel statistics.
 
-    The real Wan VAE ships statistics that make its latents roughly unit-variance; a random VAE with Wan's
+    The real Wan VAE ships statistics that make its latents roughly unit-variance; a tiny VAE with Wan's
     numbers would give latents of std ~0.02 around fixed offsets, and flow matching against unit noise would
     then learn almost nothing. Measured on procedural clips from a fixed seed, so it is deterministic.
     """

@@ -330,8 +330,9 @@ def corpus(ok: bytes) -> dict[str, bytes]:
         "prompts_escape.jsonl": _jsonl({"prompt": CAPTION, "output_path": "../../x.mp4"}),
         "dataset_huge_resolution.toml": b"[general]\nresolution = [65536, 65536]\n\n[[datasets]]\n"
         b'video_jsonl_file = "ok.jsonl"\n',
-        "labels_other_videos.jsonl": _jsonl({"video_path": "other.mp4", "families": ["Hook"],
-                                             "probs": [0.0, 1.0, 0.0, 0.0]}),  # fmt: skip
+        "labels_other_videos.jsonl": _jsonl(
+            {"video_path": "other.mp4", "families": ["Hook"], "probs": [0.0, 1.0, 0.0, 0.0]}
+        ),  # fmt: skip
         "labels_zero_probs.jsonl": _jsonl({"video_path": "ok.mp4", "families": [], "probs": [0, 0, 0, 0]}),
         "config_inf_lr.toml": b"[training]\nlearning_rate = inf\n",
         "config_zero_ranks.toml": b"[lora]\nrank_q = 0\nrank_k = 0\nrank_v = 0\nrank_o = 0\nrank_ffn = 0\n",

@@ -1,0 +1,129 @@
+"""The arms of the specialisation benchmark (bench/method.py): training and held-out evaluation of each.
+
+Every arm trains with the library's own :class:`TrainingLoop` and recipes on the tiny Wan2.2 pair and is measured
+with ``evaluation.specialisation`` / ``evaluation.metrics`` at the same fixed (t, noise) pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lora_moe_core.adapters.checkpoint import load_network
+from lora_moe_core.adapters.lora import add_to_weight
+from lora_moe_core.adapters.network import LoRANetwork, module_name
+from lora_moe_core.config import Config, load_config
+from lora_moe_core.data.latent_cache import CacheEntry
+from lora_moe_core.evaluation.metrics import specialisation as spec
+from lora_moe_core.families import FAMILIES
+from lora_moe_core.formats.lora_files import read_lora
+from lora_moe_core.model.loading import load_dits
+from lora_moe_core.model.wan import get_task, linear_shapes
+from lora_moe_core.tracking.tracker import NullTracker
+from lora_moe_core.training.loop import TrainingLoop
+from lora_moe_core.training.monitor import EarlyStopping
+from lora_moe_core.training.recipes import Stage1Recipe, Stage2Recipe
+from lora_moe_core.training.run import family_prior
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CPU = torch.device("cpu")
+BOUNDARY = get_task("tiny").boundary_ratio
+#: Stage-2 arms minimise the same loss that is evaluated (the flow-matching loss), like the vanilla arms: the ROI
+#: and temporal terms are off everywhere; the seed's routing terms (entropy, balance, teacher KL) stay on.
+SAME_OBJECTIVE = {"weight_roi_recon": 0.0, "use_temporal_loss": False}
+EXPERT_RANKS = {"rank_q": 8, "rank_k": 4, "rank_v": 4, "rank_o": 4, "rank_ffn": 4}  # demo Stage-2 experts
+EXPERT_ALPHA = 4.0  # demo lora_alpha: scaling 1 per rank-4 expert
+
+
+class _NeverStop(EarlyStopping):
+    """Early stopping off: arms must take exactly the same number of optimizer steps."""
+
+    def check(self, summary: dict[str, float]) -> str | None:
+        return None
+
+
+def _train(config: Config, recipe, entries: list[CacheEntry], out: Path) -> tuple[Path, int, list[dict]]:
+    """Run the library's training loop; returns the final checkpoint, the optimizer steps and the epoch history."""
+    loop = TrainingLoop(config, recipe, entries, out, NullTracker(), CPU)
+    loop.state.early_stopping = _NeverStop()
+    final = loop.run()
+    return final, loop.state.step, loop.state.history
+
+
+def merged_dits(stage1: Path) -> dict[str, torch.nn.Module]:
+    """Fresh tiny DiTs with the Stage-1 LoRA folded into their weights (the frozen base of the vanilla arms)."""
+    dits = load_dits("tiny")
+    network = LoRANetwork.from_modules(read_lora(stage1).modules, linear_shapes(dits["high"]))
+    for dit in {id(d): d for d in dits.values()}.values():
+        for key, lora in network.loras.items():
+            add_to_weight(dit.get_submodule(module_name(key)), lora.delta_weight())
+    return dits
+
+
+def lora_clip_losses(lora: Path | None, heldout: list[CacheEntry], stage1: Path | None = None) -> np.ndarray:
+    """Per-clip held-out loss ``[N]`` of the tiny DiTs (+ Stage 1 merged) + a LoRA file, at the fixed pairs."""
+    dits = merged_dits(stage1) if stage1 is not None else load_dits("tiny")
+    if lora is not None:
+        network = LoRANetwork.from_modules(read_lora(lora).modules, linear_shapes(dits["high"]))
+        for dit in {id(d): d for d in dits.values()}.values():
+            network.apply_to(dit)
+    return spec.clip_losses(heldout, dits, BOUNDARY, {"plain": lambda batch: None})["plain"]
+
+
+def train_stage1(train: list[CacheEntry], seed: int, epochs: int, out: Path) -> tuple[Path, Path, list[dict]]:
+    """Stage 1 on the pooled clips; also saves the half-way checkpoint, to show the plateau."""
+    steps = epochs * -(-len(train) // 2)
+    overrides = {"seed": seed, "num_train_epochs": epochs, "output_dir": str(out), "save_every_n_steps": steps // 2}
+    config = load_config(DEMO / "vanilla_lora.toml", overrides)
+    torch.manual_seed(seed)
+    final, _, history = _train(config, Stage1Recipe(config, load_dits("tiny"), CPU), train, out)
+    return final, out / f"lora_step_{steps // 2}.safetensors", history
+
+
+def shuffled_labels(entries: list[CacheEntry], seed: int) -> list[CacheEntry]:
+    """The same clips with their caption labels permuted across clips (a seeded permutation)."""
+    order = np.random.default_rng([seed, 13]).permutation(len(entries))
+    return [dataclasses.replace(entry, labels=entries[j].labels, probs=entries[j].probs)
+            for entry, j in zip(entries, order, strict=True)]  # fmt: skip
+
+
+def train_stage2(arm: str, train: list[CacheEntry], seed: int, epochs: int, stage1: Path, out: Path):
+    """A Stage-2 arm from the Stage-1 plateau: ``routed`` (learned router on caption labels), ``shuffled`` (the
+    same with labels permuted across clips) or ``uniform`` (routing_mode uniform). Returns (checkpoint, steps)."""
+    overrides = {"seed": seed, "num_train_epochs": epochs, "output_dir": str(out), "base_lora_weights": str(stage1),
+                 **SAME_OBJECTIVE}  # fmt: skip
+    if arm == "uniform":
+        overrides["routing_mode"] = "uniform"
+    config = load_config(DEMO / "lora_moe_stage_b_merged.toml", overrides)
+    entries = shuffled_labels(train, seed) if arm == "shuffled" else train
+    torch.manual_seed(seed)
+    recipe = Stage2Recipe(config, load_dits("tiny"), CPU, family_prior=family_prior(entries))
+    final, steps, _ = _train(config, recipe, entries, out)
+    return final, steps
+
+
+def evaluate_stage2(checkpoint: Path, heldout: list[CacheEntry]) -> dict[str, float]:
+    """What ``lora-moe evaluate`` reports about specialisation, on a fresh load of the checkpoint."""
+    dits = load_dits("tiny")
+    network = load_network(checkpoint, linear_shapes(dits["high"]))
+    metrics, _ = spec.specialisation_metrics(network, heldout, dits, BOUNDARY, seed=0)
+    return metrics
+
+
+def train_vanilla(entries: list[CacheEntry], seed: int, epochs: int, stage1: Path, out: Path, scale: int) -> tuple:
+    """A vanilla LoRA over the merged Stage-1 plateau, ``scale``× an expert's ranks and alpha (4: Stage 2's total
+    trainable rank at the experts' per-rank scaling; 1: one expert, the per-family oracle). Returns (file, steps)."""
+    ranks = {name: rank * scale for name, rank in EXPERT_RANKS.items()}
+    config = load_config(DEMO / "vanilla_lora.toml", {"seed": seed, "num_train_epochs": epochs, "output_dir": str(out),
+                                                       "lora_alpha": EXPERT_ALPHA * scale, **ranks})  # fmt: skip
+    torch.manual_seed(seed)
+    final, steps, _ = _train(config, Stage1Recipe(config, merged_dits(stage1), CPU), entries, out)
+    return final, steps
+
+
+def family_subset(entries: list[CacheEntry], family: str) -> list[CacheEntry]:
+    index = FAMILIES.index(family)
+    return [entry for entry in entries if entry.labels[index] > 0]

@@ -1,0 +1,180 @@
+"""Do the experts specialise? The misrouting matrix, a specialisation score with a bootstrap interval, and
+learned against uniform gates on one checkpoint.
+
+Every number comes from held-out clips at the fixed ``(t, noise)`` pairs of :func:`evaluation.held_out_losses`
+(same seed, same draw order), so the routes compared here see exactly the same inputs:
+
+* ``L[f, e]``, the **misrouting matrix**: mean held-out loss of the clips naming family ``f`` when every one of
+  them is forced onto expert ``e`` (one-hot router gates; timestep gates and α's as trained).
+* The **specialisation score**: the mean diagonal of the two-way interaction ``L − row mean − column mean +
+  grand mean``. Row effects (some families are harder) and column effects (some experts are better for
+  everyone: more steps, luckier seeds) cancel, so the score is negative only when each family's own expert is
+  better for it than that expert's overall quality predicts. Identical experts score exactly 0.
+* Its 95% interval: percentile bootstrap over held-out clips, resampled within each family, fixed seed.
+* The **wrong-expert increase** per family: ``(mean_{e≠f} L[f, e] − L[f, f]) / L[f, f]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lora_moe_core.data.latent_cache import CacheEntry
+from lora_moe_core.evaluation.metrics import EVAL_TIMESTEPS, entry_families
+from lora_moe_core.families import FAMILIES, NUM_FAMILIES
+from lora_moe_core.training import flow_matching as fm
+from lora_moe_core.training import losses
+from lora_moe_core.training.batches import Batch, collate
+
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+#: A route sets the network's gates for a one-clip batch (before the DiT runs).
+Route = Callable[[Batch], None]
+
+
+def force_gates(network, gates: torch.Tensor) -> None:
+    """Hold ``gates`` (``[B, E]`` or ``[E]``) as the router gates of the next forwards, bypassing the router.
+
+    Timestep gates and α_expert still apply (the forward hook folds them in), as they do for any route.
+    """
+    gates = gates.reshape(-1, NUM_FAMILIES).float().to(network.timestep_gates.logits.device)
+    network.router_gates = gates
+    network.router_probs = gates
+    network.route.expert_scale = None
+
+
+def standard_routes(network) -> dict[str, Route]:
+    """The routes the evaluation compares: each expert forced, the learned (configured) route, uniform gates."""
+    confidence = network.config.router.hint_confidence
+    routes: dict[str, Route] = {
+        f"expert.{name}": (lambda batch, e=index: force_gates(network, torch.eye(NUM_FAMILIES)[e]))
+        for index, name in enumerate(FAMILIES)
+    }
+    routes["learned"] = lambda batch: network.set_routing(batch.labels * confidence)
+    routes["uniform"] = lambda batch: network.set_routing(batch.labels * confidence, mode="uniform")
+    return routes
+
+
+@torch.no_grad()
+def clip_losses(
+    entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, routes: dict[str, Route], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Held-out diffusion loss per clip (mean over ``EVAL_TIMESTEPS``) under each route: ``{route: [N]}``.
+
+    The noise of clip ``i`` is drawn as :func:`evaluation.held_out_losses` draws it, once, and reused for every
+    route, so the routes differ only in their gates.
+    """
+    out = {name: np.zeros(len(entries)) for name in routes}
+    for index, entry in enumerate(entries):
+        batch = collate([entry])
+        generator = torch.Generator().manual_seed(seed * 100_003 + index)
+        noises = [torch.randn(batch.latents.shape, generator=generator) for _ in EVAL_TIMESTEPS]
+        target = [noise - batch.latents for noise in noises]
+        for name, route in routes.items():
+            route(batch)
+            total = 0.0
+            for t_value, noise, goal in zip(EVAL_TIMESTEPS, noises, target, strict=True):
+                t = torch.tensor([t_value])
+                x_t = fm.noisy_latents(batch.latents, noise, t)
+                dit = dits["high" if t_value >= boundary else "low"]
+                velocity = dit(hidden_states=x_t, timestep=fm.dit_timestep(t), encoder_hidden_states=batch.text,
+                               return_dict=False)[0]  # fmt: skip
+                total += losses.diffusion_loss(velocity, goal).item()
+            out[name][index] = total / len(EVAL_TIMESTEPS)
+    return out
+
+
+def family_members(entries: list[CacheEntry]) -> list[np.ndarray]:
+    """Indices of the clips naming each family (a clip naming two counts for both), FAMILIES order."""
+    named = [entry_families(entry) for entry in entries]
+    return [np.array([i for i, families in enumerate(named) if name in families], dtype=int) for name in FAMILIES]
+
+
+def misrouting_matrix(per_clip: np.ndarray, members: list[np.ndarray]) -> np.ndarray:
+    """``L[f, e]`` from per-clip losses ``[N, E]`` (column e: forced onto expert e); NaN rows for absent families."""
+    rows = [per_clip[index].mean(axis=0) if len(index) else np.full(per_clip.shape[1], np.nan) for index in members]
+    return np.stack(rows)
+
+
+def specialisation_score(matrix: np.ndarray) -> float:
+    """Mean diagonal of the two-way interaction of ``L[f, e]`` over the families present (negative: specialised)."""
+    present = ~np.isnan(matrix).any(axis=1)
+    sub = matrix[present][:, present]  # families without clips and their experts drop out together
+    if sub.shape[0] < 2:
+        return float("nan")
+    interaction = sub - sub.mean(axis=1, keepdims=True) - sub.mean(axis=0, keepdims=True) + sub.mean()
+    return float(np.diag(interaction).mean())
+
+
+def bootstrap_interval(
+    per_clip: np.ndarray,
+    members: list[np.ndarray],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`specialisation_score`, resampling clips within each family."""
+    rng = np.random.default_rng(seed)
+    scores = np.empty(samples)
+    for draw in range(samples):
+        resampled = [index[rng.integers(len(index), size=len(index))] if len(index) else index for index in members]
+        scores[draw] = specialisation_score(misrouting_matrix(per_clip, resampled))
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(scores, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def wrong_expert_increase(matrix: np.ndarray) -> np.ndarray:
+    """Per family, ``(mean off-diagonal − diagonal) / diagonal`` of ``L[f, e]`` (0.05 = wrong experts cost 5%)."""
+    diagonal = np.diag(matrix)
+    off = (matrix.sum(axis=1) - diagonal) / (matrix.shape[1] - 1)
+    return (off - diagonal) / diagonal
+
+
+def summarise(per_route: dict[str, np.ndarray], members: list[np.ndarray], prefix: str = "") -> dict[str, float]:
+    """Flat metrics from :func:`clip_losses` output: the matrix, score, interval, increases, route losses."""
+    per_clip = np.stack([per_route[f"expert.{name}"] for name in FAMILIES], axis=1)  # [N, E]
+    matrix = misrouting_matrix(per_clip, members)
+    low, high = bootstrap_interval(per_clip, members)
+    score = specialisation_score(matrix)
+    metrics: dict[str, float] = {}
+    if not np.isnan(score):  # needs two families with clips; metrics.json holds numbers only
+        metrics = {f"{prefix}specialisation.score": score, f"{prefix}specialisation.ci_low": low,
+                   f"{prefix}specialisation.ci_high": high}  # fmt: skip
+    for row, family in enumerate(FAMILIES):
+        if np.isnan(matrix[row]).any():
+            continue
+        for column, expert in enumerate(FAMILIES):
+            metrics[f"{prefix}misrouting.{family}.{expert}"] = float(matrix[row, column])
+        metrics[f"{prefix}misrouting.wrong_expert_increase.{family}"] = float(wrong_expert_increase(matrix)[row])
+    labelled = np.unique(np.concatenate(members)) if members else np.array([], dtype=int)
+    for route in ("learned", "uniform"):
+        if route in per_route and len(labelled):
+            metrics[f"{prefix}gates.{route}.val_loss"] = float(per_route[route][labelled].mean())
+    return metrics
+
+
+def specialisation_metrics(
+    network, entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, seed: int = 0
+) -> tuple[dict[str, float], np.ndarray]:
+    """Apply ``network`` to the DiTs, measure every standard route on the labelled clips, remove it again.
+
+    Returns:
+        The flat metrics of :func:`summarise` and the misrouting matrix ``[F, E]`` (NaN rows: no clips).
+    """
+    labelled = [entry for entry in entries if entry.labelled]
+    unique = list({id(d): d for d in dits.values()}.values())
+    for dit in unique:
+        network.apply_to(dit)
+    try:
+        per_route = clip_losses(labelled, dits, boundary, standard_routes(network), seed)
+    finally:
+        for dit in unique:
+            network.remove_from(dit)
+    members = family_members(labelled)
+    per_clip = np.stack([per_route[f"expert.{name}"] for name in FAMILIES], axis=1)
+    return summarise(per_route, members), misrouting_matrix(per_clip, members)
