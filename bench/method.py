@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import method_arms as arms  # noqa: E402
 from lora_moe_core.data.latent_cache import read_cache  # noqa: E402
 from lora_moe_core.data.synth_families import generate_family_dataset, linear_probe_accuracy  # noqa: E402
-from lora_moe_core.evaluation.metrics import specialisation as spec  # noqa: E402
+from lora_moe_core.evaluation import specialisation as spec  # noqa: E402
 from lora_moe_core.families import FAMILIES  # noqa: E402
 
 FULL = {"train": 48, "heldout": 48, "stage1_epochs": 24, "stage2_epochs": 8, "seeds": [0, 1, 2]}

@@ -17,7 +17,7 @@ from lora_moe_core.adapters.lora import add_to_weight
 from lora_moe_core.adapters.network import LoRANetwork, module_name
 from lora_moe_core.config import Config, load_config
 from lora_moe_core.data.latent_cache import CacheEntry
-from lora_moe_core.evaluation.metrics import specialisation as spec
+from lora_moe_core.evaluation import specialisation as spec
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.lora_files import read_lora
 from lora_moe_core.model.loading import load_dits
