@@ -11,7 +11,7 @@ from torch import nn
 from lora_moe_core.adapters.network import LoRAMoENetwork
 from lora_moe_core.config import load_config
 from lora_moe_core.data.latent_cache import CacheEntry
-from lora_moe_core.evaluation.metrics import specialisation as spec
+from lora_moe_core.evaluation import specialisation as spec
 from lora_moe_core.families import FAMILIES
 
 LATENT = (16, 2, 2, 2)  # [C, F, H, W]

@@ -178,6 +178,12 @@ class InferenceSession:
             network.apply_to(dit)
         return network
 
+    def set_multipliers(self, alpha_base: float, alpha_expert: float) -> None:
+        """Branch multipliers for the next clips (``alpha_expert=0`` runs the frozen Stage-1 LoRA alone)."""
+        if self.merge:
+            raise UserError("multipliers of a merged session are folded into the weights; run without --merge")
+        self.network.route.alpha_base, self.network.alpha_expert = alpha_base, alpha_expert
+
     def _unique_dits(self) -> list[torch.nn.Module]:
         """A model folder without ``transformer_2`` serves both regimes with one DiT: adapt it once."""
         return [self.dits["high"]] if self.dits["low"] is self.dits["high"] else [self.dits["high"], self.dits["low"]]
