@@ -21,6 +21,7 @@ from lora_moe_core.evaluation import metrics as evaluation
 from lora_moe_core.evaluation import report
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.lora_files import read_lora
+from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.context import TrackingContext
 
@@ -35,7 +36,7 @@ class EvaluationSettings:
     base_lora_weights: str | None
     cache: str
     output_dir: str
-    model: str | None = None
+    model: ModelSource | str | None = None  # a diffusers folder, or a folder and/or single files
     classifier_weights: str | None = None
     samples_per_family: int = 1
     sample_steps: int = 8

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from lora_moe_core.errors import UserError
 
 
-def _check_header(path: Path, what: str) -> None:
+def check_header(path: Path, what: str) -> None:
     """Refuse missing files and pickles before safetensors parses anything, with actionable messages."""
     if not path.exists():
         raise UserError(f"{what} {path} does not exist")
@@ -52,7 +52,7 @@ def read_safetensors(path: str | Path, what: str = "file") -> tuple[dict[str, to
             holding NaN/Inf — one line each.
     """
     path = Path(path)
-    _check_header(path, what)
+    check_header(path, what)
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as handle:

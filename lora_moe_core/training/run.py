@@ -55,6 +55,7 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     from accelerate import Accelerator
 
     from lora_moe_core.model.loading import load_dits
+    from lora_moe_core.model.sources import ModelSource
     from lora_moe_core.tracking.tracker import NullTracker, start_tracker
 
     training = config.training
@@ -65,7 +66,7 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     _check_entries(config, entries)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = _device(accelerator)
-    dits = load_dits(config.model.task, config.model.model, dtype=weights_dtype(training, device))
+    dits = load_dits(config.model.task, ModelSource.of(config.model), dtype=weights_dtype(training, device))
     placement = DiTPlacement(dits, device, training.offload_inactive_dit, training.fp8_base, training.blocks_to_swap,
                              training.fp8_fast)  # fmt: skip
     recipe = _recipe(config, dits, device, entries)
