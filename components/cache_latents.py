@@ -21,6 +21,7 @@ def cache_latents(
     target_frames: int,
     tracking: dict,
     kfp_task_name: str,
+    dataset_role: str = "training",
 ):
     """Cache every n-th clip from the i-th (``shard`` = ``i/n``) into ``output_uri`` (local folder or s3:// prefix).
 
@@ -34,6 +35,7 @@ def cache_latents(
     from lora_moe_core.cache.writer import CacheSettings
     from lora_moe_core.model.sources import ModelSource
     from lora_moe_core.tracking.context import TrackingContext
+    from lora_moe_core.tracking.datasets import labelled_dataset
 
     context = TrackingContext.from_step(tracking, kfp_task_name)
     index, count = (int(part) for part in shard.split("/"))
@@ -41,6 +43,7 @@ def cache_latents(
     settings = CacheSettings(task=task, model=source)
     with context.start_run(f"cache {shard}", "cache", tempfile.mkdtemp(prefix="cache-")) as run:
         run.log_params({"dataset_uri": dataset_uri, "output_uri": output_uri, "shard": shard, "task": task})
+        run.log_dataset(labelled_dataset(dataset_uri, labels.path, dataset_role))  # lineage: the clips it encodes
         outcome = cache_dataset(dataset_uri, output_uri, settings, labels.path, (index, count),
                                 [target_frames] if target_frames > 0 else None)  # fmt: skip
         print(outcome.line(dataset_uri, output_uri))

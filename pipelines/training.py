@@ -166,7 +166,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             )
         )
         labels = cpu(label_captions(dataset_uri=dataset_uri, **context).after(data))
-        eval_labels = cpu(label_captions(dataset_uri=eval_dataset_uri, **context).after(data))
+        held_out = {"dataset_uri": eval_dataset_uri, "dataset_role": "evaluation"}  # MLflow dataset input context
+        eval_labels = cpu(label_captions(**held_out, **context).after(data))
         labels.set_display_name("label-captions-train")
         eval_labels.set_display_name("label-captions-heldout")
 
@@ -204,6 +205,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                 labels=eval_labels.outputs["labels"],
                 output_uri=data.outputs["eval_cache_uri"],
                 shard="0/1",
+                dataset_role="evaluation",
                 task=task,
                 base_model_uri=base_model_uri,
                 dit_uri=dit_uri,

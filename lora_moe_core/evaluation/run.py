@@ -162,20 +162,27 @@ def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None
                                           out / "gate_vs_timestep.png")]  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     report.write_report(metrics, plots, videos, out / "report.html")
-    _track(settings, metrics, out, context)
+    _track(settings, metrics, out, context, entries)
     return metrics
 
 
-def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None) -> None:
-    """Log the metrics and every file of the report to MLflow (a child of the pipeline run when there is one)."""
+def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None,
+           entries: list[CacheEntry]) -> None:  # fmt: skip
+    """Log the metrics, the held-out cache as a dataset input and every file of the report to MLflow (a child of
+    the pipeline run when there is one); metrics.json, report.html and the plots also go to the parent run."""
+    from lora_moe_core.tracking.datasets import cache_dataset_ref
+    from lora_moe_core.tracking.runs import log_to_parent_run
     from lora_moe_core.tracking.tracker import start_tracker
 
     tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
                             context=context)  # fmt: skip
     tracker.log_params({"evaluate": {k: str(v) for k, v in settings.__dict__.items()}})
+    tracker.log_dataset(cache_dataset_ref(settings.cache, entries, "evaluation"))
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
     for name in ("metrics.json", "report.html"):
         tracker.log_artifact(out / name, "evaluation")
     for path in [*out.glob("*.png"), *(out / "samples").glob("*.mp4")]:
         tracker.log_artifact(path, "evaluation" if path.suffix == ".png" else "evaluation/samples")
     tracker.close("FINISHED")
+    report_files = [out / "metrics.json", out / "report.html", *sorted(out.glob("*.png"))]
+    log_to_parent_run(context or TrackingContext.from_env(), [(path, "evaluation") for path in report_files], out)

@@ -56,6 +56,8 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
 
     from lora_moe_core.model.loading import load_dits
     from lora_moe_core.model.sources import ModelSource
+    from lora_moe_core.tracking.datasets import cache_dataset_ref
+    from lora_moe_core.tracking.system import SystemMetricsTracker
     from lora_moe_core.tracking.tracker import NullTracker, start_tracker
 
     training = config.training
@@ -84,6 +86,9 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
                                 experiment=training.experiment, output_dir=output_dir,
                                 tags={"stage": training.training_stage, "task": config.model.task},
                                 context=context)  # fmt: skip
+        if not isinstance(tracker, NullTracker):  # CPU/GPU/memory in the run's System metrics tab
+            tracker = SystemMetricsTracker(tracker)
+        tracker.log_dataset(cache_dataset_ref(training.cache, entries, "training"))
     loop = TrainingLoop(config, recipe, entries, output_dir, tracker, device, accelerator.process_index,
                         accelerator.num_processes)  # fmt: skip
     if training.resume:
