@@ -25,6 +25,7 @@ from lora_moe_core.families import FAMILIES
 from lora_moe_core.families import family as family_entry
 from lora_moe_core.formats.lora_files import read_lora
 from lora_moe_core.guards.files import removed_on_failure
+from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.context import TrackingContext
 
@@ -36,7 +37,7 @@ class EvaluationSettings:
     base_lora_weights: str | None
     cache: str
     output_dir: str
-    model: str | None = None
+    model: ModelSource | str | None = None  # a diffusers folder, or a folder and/or single files
     classifier_weights: str | None = None
     samples_per_family: int = 1
     sample_steps: int = 8
@@ -199,20 +200,27 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
         plots.insert(0, report.plot_training_curves(histories, out / "training_curves.png"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     report.write_report(metrics, plots, pairs, out / "report.html")
-    _track(settings, metrics, out, context)
+    _track(settings, metrics, out, context, entries)
     return metrics
 
 
-def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None) -> None:
-    """Log the metrics and every file of the report to MLflow (a child of the pipeline run when there is one)."""
+def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None,
+           entries: list[CacheEntry]) -> None:  # fmt: skip
+    """Log the metrics, the held-out cache as a dataset input and every file of the report to MLflow (a child of
+    the pipeline run when there is one); metrics.json, report.html and the plots also go to the parent run."""
+    from lora_moe_core.tracking.datasets import cache_dataset_ref
+    from lora_moe_core.tracking.runs import log_to_parent_run
     from lora_moe_core.tracking.tracker import start_tracker
 
     tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
                             context=context)  # fmt: skip
     tracker.log_params({"evaluate": {k: str(v) for k, v in settings.__dict__.items()}})
+    tracker.log_dataset(cache_dataset_ref(settings.cache, entries, "evaluation"))
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
     for name in ("metrics.json", "report.html"):
         tracker.log_artifact(out / name, "evaluation")
     for path in [*out.glob("*.png"), *(out / "samples").glob("*")]:  # clips and their posters
         tracker.log_artifact(path, "evaluation" if path.suffix == ".png" else "evaluation/samples")
     tracker.close("FINISHED")
+    report_files = [out / "metrics.json", out / "report.html", *sorted(out.glob("*.png"))]
+    log_to_parent_run(context or TrackingContext.from_env(), [(path, "evaluation") for path in report_files], out)
