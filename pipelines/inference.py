@@ -10,8 +10,8 @@ from kfp.dsl import Artifact, Model
 
 from components import finish_tracking, import_lora_moe, infer_export, start_tracking
 from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
-from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
-from pipelines.defaults import PROMPTS
+from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, DEFAULT_TASK, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
+from pipelines.defaults import BASE_MODEL_URI, PROMPTS
 
 PIPELINE_NAME = "lora-moe-inference"
 
@@ -29,8 +29,8 @@ def build_inference_pipeline(settings: ClusterSettings | None = None):
     def lora_moe_inference(
         lora_moe_uri: str = f"models:/{REGISTERED_MODEL}@{REGISTRY_ALIAS}",
         prompts: list = PROMPTS,
-        task: str = "t2v-A14B",
-        base_model_uri: str = "s3://lora-moe-data/models/Wan2.2-T2V-A14B-Diffusers",
+        task: str = DEFAULT_TASK,
+        base_model_uri: str = BASE_MODEL_URI,
         dit_uri: str = "",
         dit_high_noise_uri: str = "",
         vae_uri: str = "",

@@ -25,8 +25,8 @@ from components import (
     train_stage2,
 )
 from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
-from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
-from pipelines.defaults import PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
+from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, DEFAULT_TASK, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
+from pipelines.defaults import BASE_MODEL_URI, PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
 
 PIPELINE_NAME = "lora-moe-training"
 SYNTHETIC_SIZE = [128, 96, 33]  # width, height, frames of synthetic clips
@@ -62,8 +62,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         cache_uri: str = "",
         cache_shards: int = 4,
         work_uri: str = "s3://lora-moe-data/runs",
-        task: str = "t2v-A14B",
-        base_model_uri: str = "s3://lora-moe-data/models/Wan2.2-T2V-A14B-Diffusers",
+        task: str = DEFAULT_TASK,
+        base_model_uri: str = BASE_MODEL_URI,
         dit_uri: str = "",
         dit_high_noise_uri: str = "",
         vae_uri: str = "",

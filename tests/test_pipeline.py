@@ -363,13 +363,18 @@ def test_submit_compiles_and_uploads_a_version(tmp_path, capsys, lora_moe, kfp_h
     monkeypatch.setenv("KFP_COOKIES", "authservice_session=abc")
     argv = ["pipeline", "submit", "--pipeline", "inference", "--version", "v2", "--image_tag", "f00d",
             "--namespace", "team-a"]  # fmt: skip
+    kfp_client = client.return_value
+    uploaded_text = []  # the package compiled on the fly is removed once submitted: read it while it is uploaded
+    version = kfp_client.upload_pipeline_version.return_value
+    kfp_client.upload_pipeline_version.side_effect = lambda path, **_: (
+        uploaded_text.append(Path(path).read_text()) or version
+    )
     assert lora_moe(argv) == 0
     assert client.call_args.kwargs == {"host": kfp_host, "namespace": "team-a", "cookies": "authservice_session=abc"}
-    kfp_client = client.return_value
     upload = kfp_client.upload_pipeline_version.call_args
     assert upload.kwargs == {"pipeline_version_name": "v2", "pipeline_id": "pipe-1"}
-    uploaded = Path(upload.args[0])
-    assert "lora-moe-trainer:f00d" in uploaded.read_text()  # compiled on the fly with the flags
+    assert "lora-moe-trainer:f00d" in uploaded_text[0]  # compiled on the fly with the flags
+    assert not Path(upload.args[0]).exists()  # nothing left behind in TMPDIR
     assert kfp_client.upload_pipeline.call_args.kwargs == {"pipeline_name": "lora-moe-inference"}
     run = kfp_client.run_pipeline.call_args.kwargs
     assert (run["experiment_id"], run["pipeline_id"], run["version_id"]) == ("exp-1", "pipe-1", "ver-1")
