@@ -13,6 +13,10 @@ def evaluate(
     stage1_lora_uri: str,
     task: str,
     base_model_uri: str,
+    dit_uri: str,
+    dit_high_noise_uri: str,
+    vae_uri: str,
+    t5_uri: str,
     samples_per_family: int,
     sample_steps: int,
     sample_width: int,
@@ -37,17 +41,19 @@ def evaluate(
 
     from lora_moe_core.evaluation.report import inline_assets
     from lora_moe_core.evaluation.run import EvaluationSettings, run_evaluation
+    from lora_moe_core.model.sources import ModelSource
     from lora_moe_core.storage.store import Storage, is_s3
     from lora_moe_core.tracking.context import TrackingContext
 
     context = TrackingContext.from_step(tracking, kfp_task_name)
+    source = ModelSource.from_uris(base_model_uri, dit_uri, dit_high_noise_uri, vae_uri, t5_uri)  # "" = not given
     scratch = Path(tempfile.mkdtemp(prefix="evaluate-"))
     out = scratch / "heldout"
     stage1 = stage1_lora_uri
     if is_s3(stage1_lora_uri):
         stage1 = str(Storage().download(stage1_lora_uri, scratch / "stage1.safetensors"))
     settings = EvaluationSettings(task=task, lora_moe_weights=lora_moe.path, base_lora_weights=stage1,
-                                  cache=eval_cache_uri, output_dir=str(out), model=base_model_uri or None,
+                                  cache=eval_cache_uri, output_dir=str(out), model=source,
                                   samples_per_family=samples_per_family, sample_steps=sample_steps,
                                   sample_size=(sample_width, sample_height, sample_frames), seed=seed)  # fmt: skip
     run_evaluation(settings, context)  # logs its own MLflow run, a child of the pipeline's

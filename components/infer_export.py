@@ -11,6 +11,10 @@ def infer_export(
     lora_moe: Input[Model],
     task: str,
     base_model_uri: str,
+    dit_uri: str,
+    dit_high_noise_uri: str,
+    vae_uri: str,
+    t5_uri: str,
     prompts: list,
     num_frames: int,
     height: int,
@@ -38,9 +42,11 @@ def infer_export(
     from lora_moe_core.adapters.export import export_family_loras
     from lora_moe_core.inference.generate import run_infer
     from lora_moe_core.inference.request import InferenceRequest
+    from lora_moe_core.model.sources import ModelSource
     from lora_moe_core.tracking.context import TrackingContext
 
     context = TrackingContext.from_step(tracking, kfp_task_name)
+    source = ModelSource.from_uris(base_model_uri, dit_uri, dit_high_noise_uri, vae_uri, t5_uri)  # "" = not given
     clips, loras = Path(videos.path), Path(instrument_loras.path)
     clips.mkdir(parents=True, exist_ok=True)
     entries = [dict(item) if isinstance(item, dict) else {"prompt": str(item)} for item in prompts]
@@ -49,7 +55,7 @@ def infer_export(
         hint = entry.get("instrument_hint") or "prompt"
         entry.setdefault("output_path", f"{index:02d}_{re.sub(r'[^A-Za-z0-9]+', '_', hint).strip('_')}.mp4")
     request = InferenceRequest(prompts=entries, lora_moe_weights=lora_moe.path, task=task,
-                               model=base_model_uri or None, output_dir=str(clips), num_frames=num_frames,
+                               **source.overrides(), output_dir=str(clips), num_frames=num_frames,
                                height=height, width=width, num_inference_steps=num_inference_steps,
                                alpha_base=alpha_base, alpha_expert=alpha_expert)  # fmt: skip
     with context.start_run("infer-export", "infer", tempfile.mkdtemp(prefix="infer-")) as run:

@@ -16,6 +16,10 @@ def train_stage1(
     config: str,
     task: str,
     base_model_uri: str,
+    dit_uri: str,
+    dit_high_noise_uri: str,
+    vae_uri: str,
+    t5_uri: str,
     num_train_epochs: int,
     learning_rate: float,
     seed: int,
@@ -38,15 +42,17 @@ def train_stage1(
     from pathlib import Path
 
     from lora_moe_core.config import load_config, resolve_config_path
+    from lora_moe_core.model.sources import ModelSource
     from lora_moe_core.storage.store import Storage, join
     from lora_moe_core.tracking.context import TrackingContext
     from lora_moe_core.training.launch import launch_training
 
     context = TrackingContext.from_step(tracking, kfp_task_name)
+    source = ModelSource.from_uris(base_model_uri, dit_uri, dit_high_noise_uri, vae_uri, t5_uri)  # "" = not given
     out = Path(tempfile.mkdtemp(prefix="stage1-")) / "vanilla_lora"
     overrides = {"training_stage": "stage_a", "task": task, "cache": cache_uri, "output_dir": str(out),
                  "num_train_epochs": num_train_epochs, "learning_rate": learning_rate, "seed": seed,
-                 "experiment": context.experiment, **({"model": base_model_uri} if base_model_uri else {})}  # fmt: skip
+                 "experiment": context.experiment, **source.overrides()}  # fmt: skip
     history = launch_training(load_config(resolve_config_path(config), overrides), gpus, context)
     shutil.copyfile(out / "lora_final.safetensors", lora.path)
     for key, value in (history[-1] if history else {}).items():

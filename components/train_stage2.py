@@ -13,6 +13,10 @@ def train_stage2(
     config: str,
     task: str,
     base_model_uri: str,
+    dit_uri: str,
+    dit_high_noise_uri: str,
+    vae_uri: str,
+    t5_uri: str,
     num_train_epochs: int,
     learning_rate: float,
     seed: int,
@@ -33,11 +37,13 @@ def train_stage2(
     from pathlib import Path
 
     from lora_moe_core.config import load_config, resolve_config_path
+    from lora_moe_core.model.sources import ModelSource
     from lora_moe_core.storage.store import Storage, is_s3, join
     from lora_moe_core.tracking.context import TrackingContext
     from lora_moe_core.training.launch import launch_training
 
     context = TrackingContext.from_step(tracking, kfp_task_name)
+    source = ModelSource.from_uris(base_model_uri, dit_uri, dit_high_noise_uri, vae_uri, t5_uri)  # "" = not given
     scratch = Path(tempfile.mkdtemp(prefix="stage2-"))
     base_lora = stage1_lora_uri
     if is_s3(stage1_lora_uri):
@@ -46,7 +52,7 @@ def train_stage2(
     overrides = {"training_stage": "stage_b", "task": task, "cache": cache_uri, "base_lora_weights": base_lora,
                  "output_dir": str(out), "num_train_epochs": num_train_epochs, "learning_rate": learning_rate,
                  "seed": seed, "experiment": context.experiment,
-                 **({"model": base_model_uri} if base_model_uri else {})}  # fmt: skip
+                 **source.overrides()}  # fmt: skip
     history = launch_training(load_config(resolve_config_path(config), overrides), gpus, context)
     shutil.copyfile(out / "lora_moe_final.safetensors", lora_moe.path)
     for key, value in (history[-1] if history else {}).items():

@@ -8,6 +8,8 @@ set -euo pipefail
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 TORCH_VERSION=$(sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 [ -n "$TORCH_VERSION" ] || { echo "pyproject.toml pins no torch==VERSION" >&2; exit 1; }
+# NVML bindings for the GPU system metrics of training runs (lora_moe_core.tracking.system): trainer image only
+NVML_VERSION=13.615.71
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
   || { echo "the images run Python 3.11: set PYTHON=python3.11" >&2; exit 1; }
 
@@ -45,7 +47,7 @@ EOF
 
 # 3. What PyPI's torch (the CUDA build on Linux x86_64) adds: resolve it with the new lock, ignoring local wheels.
 "$pip" install --quiet --isolated --dry-run --ignore-installed --report "$work/report.json" \
-  "torch==$TORCH_VERSION" -r "$work/requirements.lock"
+  "torch==$TORCH_VERSION" "nvidia-ml-py==$NVML_VERSION" -r "$work/requirements.lock"
 "$work/venv/bin/python" - "$work/requirements.lock" "$work/report.json" "$work/trainer-cuda.lock" "$TORCH_VERSION" <<'EOF'
 import json
 import sys
@@ -69,7 +71,8 @@ if changed:
     sys.exit("the CUDA build of torch would change locked versions: " + "; ".join(changed))
 header = f"""# images/trainer-cuda.lock: the CUDA runtime wheels that PyPI's torch=={torch_version} (the CUDA build, Linux x86_64)
 # pulls in on top of requirements.lock. Used only by images/trainer.Dockerfile. Made by images/make_lock.sh:
-#   pip install --isolated --dry-run --ignore-installed --report report.json torch=={torch_version} -r requirements.lock
+#   pip install --isolated --dry-run --ignore-installed --report report.json torch=={torch_version} \\
+#       nvidia-ml-py (NVML bindings: GPU utilisation/memory/power system metrics in MLflow) -r requirements.lock
 # then every package of the report's "install" list that requirements.lock does not name. Some of these are
 # ranges in torch's metadata (cuda-bindings, cuda-pathfinder, nvidia-nvjitlink): pinned here so that a rebuild
 # gets the same bytes.

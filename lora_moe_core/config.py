@@ -34,7 +34,13 @@ class ModelConfig(_Section):
     task: Literal[TASK_NAMES] = Field(
         "t2v-A14B", description="model family: t2v-A14B (two 14B DiTs) or tiny (random, CPU tests and demo)"
     )
-    model: str | None = Field(None, description="diffusers-layout model folder, local path or s3:// URI")
+    model: str | None = Field(
+        None, description="diffusers-layout model folder, local path or s3:// URI (or the single files below)"
+    )
+    dit: str | None = Field(None, description="low-noise DiT single file, original Wan/ComfyUI keys (musubi --dit)")
+    dit_high_noise: str | None = Field(None, description="high-noise DiT single file (musubi --dit_high_noise)")
+    vae: str | None = Field(None, description="Wan2.1 VAE single file, e.g. wan_2.1_vae.safetensors (musubi --vae)")
+    t5: str | None = Field(None, description="UMT5 encoder .pth/.safetensors, tensors only (musubi --t5)")
     timestep_boundary: float | None = Field(
         None, gt=0, lt=1, description="high/low-noise DiT switch as a fraction of 1000 (default: the task's, 0.875)"
     )

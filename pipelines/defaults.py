@@ -8,6 +8,8 @@ import tomllib
 from lora_moe_core.config import resolve_config_path
 from lora_moe_core.families import FAMILY_TABLE, family
 
+#: where the platform team puts the diffusers-layout Wan2.2-T2V-A14B (manifests/ create the bucket)
+BASE_MODEL_URI = "s3://lora-moe-data/models/Wan2.2-T2V-A14B-Diffusers"
 STAGE1_CONFIG = "configs/vanilla_lora.toml"
 STAGE2_CONFIG = "configs/lora_moe_stage_b_merged.toml"
 DEMO_STAGE1_CONFIG = "configs/demo/vanilla_lora.toml"

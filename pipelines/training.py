@@ -25,8 +25,8 @@ from components import (
     train_stage2,
 )
 from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
-from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
-from pipelines.defaults import PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
+from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, DEFAULT_TASK, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
+from pipelines.defaults import BASE_MODEL_URI, PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
 
 PIPELINE_NAME = "lora-moe-training"
 SYNTHETIC_SIZE = [128, 96, 33]  # width, height, frames of synthetic clips
@@ -55,13 +55,20 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
     def lora_moe_training(
         dataset_uri: str = "s3://lora-moe-data/datasets/surgical/train",
         eval_dataset_uri: str = "s3://lora-moe-data/datasets/surgical/heldout",
-        stage1_lora_uri: str = "",
-        base_model_uri: str = "s3://lora-moe-data/models/Wan2.2-T2V-A14B-Diffusers",
-        task: str = "t2v-A14B",
-        work_uri: str = "s3://lora-moe-data/runs",
+        synthetic_clips: int = 0,
+        synthetic_eval_clips: int = 0,
+        synthetic_size: list = SYNTHETIC_SIZE,
+        target_frames: int = 0,
         cache_uri: str = "",
         cache_shards: int = 4,
-        target_frames: int = 0,
+        work_uri: str = "s3://lora-moe-data/runs",
+        task: str = DEFAULT_TASK,
+        base_model_uri: str = BASE_MODEL_URI,
+        dit_uri: str = "",
+        dit_high_noise_uri: str = "",
+        vae_uri: str = "",
+        t5_uri: str = "",
+        stage1_lora_uri: str = "",
         stage1_config: str = STAGE1_CONFIG,
         stage1_epochs: int = SEED_STAGE1["num_train_epochs"],
         stage1_learning_rate: float = SEED_STAGE1["learning_rate"],
@@ -78,9 +85,6 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         prompts: list = PROMPTS,
         alpha_base: float = ALPHA_BASE,
         alpha_expert: float = ALPHA_EXPERT,
-        synthetic_clips: int = 0,
-        synthetic_eval_clips: int = 0,
-        synthetic_size: list = SYNTHETIC_SIZE,
         mlflow_experiment: str = EXPERIMENT,
         model_name: str = REGISTERED_MODEL,
         model_alias: str = REGISTRY_ALIAS,
@@ -96,8 +100,47 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         7. ``infer-export``: one video per prompt and one standard LoRA per instrument.
         8. ``register-model``: a new version in the MLflow registry, aliased ``model_alias``.
         The MLflow parent run (``start-tracking``) is ended by ``finish-tracking`` even when a step fails.
-        Big data (clips, caches, base weights) is addressed by ``s3://`` URIs or local paths; gpus_per_step applies
-        to the two training steps (caching, evaluation and inference use one GPU each).
+
+        The parameters are in the order a user fills the form; the IR (and so the KFP UI) lists them
+        alphabetically, so each description starts with its group: 1 data, 2 model, 3 Stage 1, 4 Stage 2,
+        5 evaluation, 6 tracking.
+
+        Args:
+            dataset_uri: 1 data · training clips: musubi dataset TOML, JSONL manifest, folder or musubi cache.
+            eval_dataset_uri: 1 data · held-out clips for evaluation, same forms as dataset_uri.
+            synthetic_clips: 1 data · > 0: write this many procedural clips to dataset_uri first (demo, smoke test).
+            synthetic_eval_clips: 1 data · > 0: write this many procedural held-out clips to eval_dataset_uri.
+            synthetic_size: 1 data · [width, height, frames] of synthetic clips.
+            target_frames: 1 data · frames per cached clip (4k+1); 0 keeps the dataset's own target_frames.
+            cache_uri: 1 data · latent cache prefix to reuse or fill; empty: <work_uri>/<run>/cache.
+            cache_shards: 1 data · parallel GPU caching steps (each takes every n-th clip).
+            work_uri: 1 data · where the run's caches, checkpoints and outputs go (s3:// prefix or folder).
+            task: 2 model · t2v-A14B (Wan2.2, two 14B DiTs) or tiny (random, CPU smoke test).
+            base_model_uri: 2 model · diffusers-layout Wan2.2 folder; clear it when all four single files are given.
+            dit_uri: 2 model · low-noise DiT single file (original Wan/ComfyUI keys) as musubi's --dit; empty: folder's.
+            dit_high_noise_uri: 2 model · high-noise DiT single file as musubi's --dit_high_noise; empty: the folder's.
+            vae_uri: 2 model · Wan2.1 VAE single file (wan_2.1_vae.safetensors) as musubi's --vae; empty: the folder's.
+            t5_uri: 2 model · UMT5 encoder .pth (models_t5_umt5-xxl-enc-bf16.pth) as musubi's --t5; empty: the folder's.
+            stage1_lora_uri: 3 Stage 1 · your Stage-1 LoRA (musubi/ComfyUI/diffusers keys): skips Stage-1 training.
+            stage1_config: 3 Stage 1 · Stage-1 TOML config (path in the image, e.g. configs/vanilla_lora.toml).
+            stage1_epochs: 3 Stage 1 · passes over the training clips.
+            stage1_learning_rate: 3 Stage 1 · AdamW learning rate.
+            stage2_config: 4 Stage 2 · Stage-2 TOML config (experts, router, losses).
+            stage2_epochs: 4 Stage 2 · passes over the training clips.
+            stage2_learning_rate: 4 Stage 2 · AdamW learning rate of experts and router.
+            seed: 4 Stage 2 · random seed of both stages, evaluation noise and sample videos.
+            gpus_per_step: 4 Stage 2 · GPUs of each training step (torchrun); caching, evaluation, inference use 1.
+            samples_per_family: 5 evaluation · generated clips per instrument family in the report (0: none).
+            sample_steps: 5 evaluation · denoising steps of report clips and sample videos.
+            sample_width: 5 evaluation · width of report clips and sample videos (multiple of 16).
+            sample_height: 5 evaluation · height of report clips and sample videos (multiple of 16).
+            sample_frames: 5 evaluation · frames of report clips and sample videos (4k+1).
+            prompts: 5 evaluation · sample video prompts: strings or {"prompt", "instrument_hint"} objects.
+            alpha_base: 5 evaluation · multiplier of the Stage-1 LoRA in sample videos and exported LoRAs.
+            alpha_expert: 5 evaluation · multiplier of the expert LoRAs in sample videos and exported LoRAs.
+            mlflow_experiment: 6 tracking · MLflow experiment of the parent run and its step runs.
+            model_name: 6 tracking · MLflow registered model that gets the new version.
+            model_alias: 6 tracking · alias set on the new model version (e.g. candidate).
         """
         start = cpu(
             start_tracking(
@@ -123,7 +166,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             )
         )
         labels = cpu(label_captions(dataset_uri=dataset_uri, **context).after(data))
-        eval_labels = cpu(label_captions(dataset_uri=eval_dataset_uri, **context).after(data))
+        held_out = {"dataset_uri": eval_dataset_uri, "dataset_role": "evaluation"}  # MLflow dataset input context
+        eval_labels = cpu(label_captions(**held_out, **context).after(data))
         labels.set_display_name("label-captions-train")
         eval_labels.set_display_name("label-captions-heldout")
 
@@ -146,6 +190,10 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                     shard=shard.shard,
                     task=task,
                     base_model_uri=base_model_uri,
+                    dit_uri=dit_uri,
+                    dit_high_noise_uri=dit_high_noise_uri,
+                    vae_uri=vae_uri,
+                    t5_uri=t5_uri,
                     target_frames=target_frames,
                     tracking=shard.tracking,
                     kfp_task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
@@ -157,8 +205,13 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                 labels=eval_labels.outputs["labels"],
                 output_uri=data.outputs["eval_cache_uri"],
                 shard="0/1",
+                dataset_role="evaluation",
                 task=task,
                 base_model_uri=base_model_uri,
+                dit_uri=dit_uri,
+                dit_high_noise_uri=dit_high_noise_uri,
+                vae_uri=vae_uri,
+                t5_uri=t5_uri,
                 target_frames=target_frames,
                 **context,
             )
@@ -172,6 +225,10 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                     config=stage1_config,
                     task=task,
                     base_model_uri=base_model_uri,
+                    dit_uri=dit_uri,
+                    dit_high_noise_uri=dit_high_noise_uri,
+                    vae_uri=vae_uri,
+                    t5_uri=t5_uri,
                     num_train_epochs=stage1_epochs,
                     learning_rate=stage1_learning_rate,
                     seed=seed,
@@ -193,6 +250,10 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                 config=stage2_config,
                 task=task,
                 base_model_uri=base_model_uri,
+                dit_uri=dit_uri,
+                dit_high_noise_uri=dit_high_noise_uri,
+                vae_uri=vae_uri,
+                t5_uri=t5_uri,
                 num_train_epochs=stage2_epochs,
                 learning_rate=stage2_learning_rate,
                 seed=seed,
@@ -210,6 +271,10 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                 stage1_lora_uri=stage1_lora_uri_out,
                 task=task,
                 base_model_uri=base_model_uri,
+                dit_uri=dit_uri,
+                dit_high_noise_uri=dit_high_noise_uri,
+                vae_uri=vae_uri,
+                t5_uri=t5_uri,
                 samples_per_family=samples_per_family,
                 sample_steps=sample_steps,
                 sample_width=sample_width,
@@ -224,6 +289,10 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                 lora_moe=stage2.outputs["lora_moe"],
                 task=task,
                 base_model_uri=base_model_uri,
+                dit_uri=dit_uri,
+                dit_high_noise_uri=dit_high_noise_uri,
+                vae_uri=vae_uri,
+                t5_uri=t5_uri,
                 prompts=prompts,
                 num_frames=sample_frames,
                 height=sample_height,

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lora_moe_core.cli.main import main
@@ -59,7 +60,8 @@ def test_metrics_json_is_flat_and_has_the_documented_keys(evaluated):
     assert 0 <= metrics["routing.gate_entropy_per_clip"] <= 1.3863
     assert sum(metrics[f"routing.confusion.{f}.{e}"] for f in FAMILIES for e in FAMILIES) == 8
     assert {"samples.flicker", "samples.presence_accuracy", "samples.frechet_classifier"} <= metrics.keys()
-    assert len(list((evaluated / "samples").glob("*.mp4"))) == 4
+    assert len(list((evaluated / "samples").glob("*_stage1.mp4"))) == 4  # Stage 1 beside each Stage-2 clip
+    assert len(list((evaluated / "samples").glob("*.mp4"))) == 8
 
 
 def test_metrics_json_has_the_specialisation_evidence(evaluated):
@@ -83,17 +85,39 @@ def test_stage2_fits_held_out_clips_better_than_stage1(evaluated):
     assert metrics["val_loss.all.stage2"] < metrics["val_loss.all.stage1"] < metrics["val_loss.all.base"]
 
 
-def test_report_renders_its_plots_in_headless_chromium(evaluated, tmp_path):
+def _chromium(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("Debian chromium is not installed (make test installs it)")
     command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}",
-               "--virtual-time-budget=5000", "--dump-dom", (evaluated / "report.html").as_uri()]  # fmt: skip
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
-    assert 'data-images-loaded="5"' in dom and 'data-images-broken="0"' in dom, dom[-500:]
+               "--virtual-time-budget=5000", "--hide-scrollbars", *arguments]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_its_plots_in_headless_chromium(evaluated, tmp_path):
+    dom = _chromium(tmp_path, "--dump-dom", (evaluated / "report.html").as_uri()).stdout
+    # training curves, losses, confusion, gates per family, gate vs timestep, misrouting matrix
+    assert 'data-images-loaded="6"' in dom and 'data-images-broken="0"' in dom, dom[-500:]
     assert "misrouting.wrong_expert_increase" in dom and "specialisation score" in dom
-    assert dom.count("<video") == 4
+    assert dom.count("<video") == 8 and dom.count('class="pair"') == 4 and dom.count('poster="samples/') == 8
+    assert dom.count("Stage 1 (base LoRA)") == 4 and dom.count("Stage 2 (LoRA-MoE)") == 4
+    assert "Held-out results by family" in dom and dom.index("Held-out results") < dom.index("<h2>Plots")
+
+
+def test_report_screenshot_shows_the_table_and_plots(evaluated, tmp_path):
+    """What a reader sees: a screenshot of the page's first screen holds the family table and drawn plots."""
+    from PIL import Image
+
+    shot = tmp_path / "report.png"
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,2200", (evaluated / "report.html").as_uri())
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 2200)
+    pixels = np.asarray(image).reshape(-1, 3)
+    ink = (pixels.min(axis=1) < 200).mean()  # share of pixels that are not (near) white
+    colours = len(np.unique(pixels[::7], axis=0))
+    assert 0.03 < ink < 0.9, ink  # a page with content, not a blank or an error screen
+    assert colours > 200, colours  # plots and video frames, not text alone
 
 
 def test_register_creates_a_candidate_version(trained, tmp_path, monkeypatch, capsys):
@@ -120,4 +144,19 @@ def test_bad_evaluation_inputs(trained, tiny_cache, tmp_path, capsys):
           "--model is required")  # fmt: skip
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    fails(_evaluate_argv(trained, tiny_cache, blocker / "out", "--samples_per_family", "0"), "cannot write")
+    fails(_evaluate_argv(trained, tiny_cache, blocker / "out", "--samples_per_family", "0"), "cannot create")
+
+
+def test_family_table_and_training_curves(tmp_path):
+    """The report's compact table reads the flat metrics; the curves plot Stage 2 after Stage 1."""
+    from lora_moe_core.evaluation.report import family_rows, plot_training_curves
+
+    metrics = {"val_loss.Hook.base": 3.0, "val_loss.Hook.stage1": 2.0, "val_loss.Hook.stage2": 1.5, "usage.Hook": 0.4,
+               "misrouting.Hook.Hook": 1.5, "misrouting.wrong_expert_increase.Hook": 0.08}  # fmt: skip
+    rows = {row[0]: row for row in family_rows(metrics)}
+    assert rows["Hook"] == ["Hook", "3.0000", "2.0000", "1.5000", "-25.0%", "–", "1.5000", "+8.0%", "40%"]
+    assert rows["Scissors"][1:] == ["–"] * 8
+    histories = {"stage1": [{"epoch": 1, "diffusion_loss": 3.0}, {"epoch": 2, "diffusion_loss": 2.5}],
+                 "stage2": [{"epoch": 1, "diffusion_loss": 2.4, "roi_loss": 2.6}]}  # fmt: skip
+    path = plot_training_curves(histories, tmp_path / "curves.png")
+    assert path.stat().st_size > 5000

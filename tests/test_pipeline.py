@@ -214,6 +214,24 @@ def test_parameter_defaults(compiled):
     assert with_defaults["alpha_base"] == 0.7 and len(with_defaults["prompts"]) == 4
 
 
+@pytest.mark.parametrize("name", ["training", "inference"])
+def test_every_parameter_has_a_description_in_form_order(compiled, name):
+    """The KFP UI shows each parameter's IR description; the IR sorts parameters by name, so each description
+    starts with its form group's number, and the signature (the SDK's order) runs through the groups in order."""
+    import inspect
+
+    from pipelines.compile import build
+
+    ir, _, _ = compiled[name]
+    described = {key: p.get("description", "") for key, p in ir["root"]["inputDefinitions"]["parameters"].items()}
+    assert all(len(text) > 20 for text in described.values()), [k for k, text in described.items() if len(text) <= 20]
+    signature = list(inspect.signature(build(name).pipeline_func).parameters)
+    assert set(signature) == set(described)
+    groups = [int(described[key].split(" ", 1)[0]) for key in signature]
+    assert groups == sorted(groups) and groups[0] == 1, list(zip(signature, groups, strict=True))
+    assert described["dit_uri"].startswith("2 model") and "--dit" in described["dit_uri"]
+
+
 def test_inference_ir(compiled):
     ir, spec, executors = compiled["inference"]
     assert spec.pipeline_info.name == "lora-moe-inference"
@@ -345,13 +363,18 @@ def test_submit_compiles_and_uploads_a_version(tmp_path, capsys, lora_moe, kfp_h
     monkeypatch.setenv("KFP_COOKIES", "authservice_session=abc")
     argv = ["pipeline", "submit", "--pipeline", "inference", "--version", "v2", "--image_tag", "f00d",
             "--namespace", "team-a"]  # fmt: skip
+    kfp_client = client.return_value
+    uploaded_text = []  # the package compiled on the fly is removed once submitted: read it while it is uploaded
+    version = kfp_client.upload_pipeline_version.return_value
+    kfp_client.upload_pipeline_version.side_effect = lambda path, **_: (
+        uploaded_text.append(Path(path).read_text()) or version
+    )
     assert lora_moe(argv) == 0
     assert client.call_args.kwargs == {"host": kfp_host, "namespace": "team-a", "cookies": "authservice_session=abc"}
-    kfp_client = client.return_value
     upload = kfp_client.upload_pipeline_version.call_args
     assert upload.kwargs == {"pipeline_version_name": "v2", "pipeline_id": "pipe-1"}
-    uploaded = Path(upload.args[0])
-    assert "lora-moe-trainer:f00d" in uploaded.read_text()  # compiled on the fly with the flags
+    assert "lora-moe-trainer:f00d" in uploaded_text[0]  # compiled on the fly with the flags
+    assert not Path(upload.args[0]).exists()  # nothing left behind in TMPDIR
     assert kfp_client.upload_pipeline.call_args.kwargs == {"pipeline_name": "lora-moe-inference"}
     run = kfp_client.run_pipeline.call_args.kwargs
     assert (run["experiment_id"], run["pipeline_id"], run["version_id"]) == ("exp-1", "pipe-1", "ver-1")

@@ -43,6 +43,7 @@ from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.safetensors_io import write_safetensors
 from lora_moe_core.guards.numbers import check_number
 from lora_moe_core.model.loading import Encoders, encode_prompts, encode_video
+from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.storage.store import Storage, is_s3
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class CacheSettings:
     """How clips become cache entries."""
 
     task: str
-    model: str | None = None
+    model: ModelSource | str | None = None  # a diffusers folder, or a folder and/or --vae/--t5 files
     tip_weight: float = 4.0  # ROI weight of tip cells (seed: 3–5×)
     roi_fallback: str = "motion"  # without tip boxes: motion saliency or uniform
     latent_dtype: str = "bfloat16"  # musubi stores latents in the VAE dtype (bf16)
@@ -104,6 +105,7 @@ def content_hash(
 ) -> str:
     """Hash of everything an entry depends on; equal hash → the cached entry is still valid."""
     encoding = {k: v for k, v in asdict(settings).items() if k != "max_bad_fraction"}  # run policy, not content
+    encoding["model"] = ModelSource.of(settings.model).identity()
     payload = json.dumps([video_bytes_hash, caption, label.get("probs"), label.get("roi"), encoding,
                           asdict(options)], sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lora_moe_core.defaults import DEFAULT_TASK, TASK_NAMES
+from lora_moe_core.model.sources import add_model_flags
 
 
 def _synth_data(args: argparse.Namespace) -> int:
@@ -35,8 +36,9 @@ def _shard(text: str) -> tuple[int, int]:
 def _cache(args: argparse.Namespace) -> int:
     from lora_moe_core.cache.build import cache_dataset
     from lora_moe_core.cache.writer import CacheSettings
+    from lora_moe_core.model.sources import ModelSource
 
-    settings = CacheSettings(task=args.task, model=args.model, tip_weight=args.tip_weight,
+    settings = CacheSettings(task=args.task, model=ModelSource.of(args), tip_weight=args.tip_weight,
                              roi_fallback=args.roi_fallback, latent_dtype=args.latent_dtype,
                              max_bad_fraction=args.max_bad_fraction)  # fmt: skip
     resolution = tuple(args.resolution) if args.resolution else None
@@ -78,7 +80,7 @@ def add_data_commands(commands) -> None:
     cache.add_argument("--dataset", required=True, help="dataset .toml/.jsonl/folder, or a musubi cache folder")
     cache.add_argument("--labels", help="labels.jsonl from `lora-moe label` (default: label the captions now)")
     cache.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK, help="model family")
-    cache.add_argument("--model", help="diffusers-layout Wan2.2 folder, local or s3:// (required for t2v-A14B)")
+    add_model_flags(cache)
     cache.add_argument("--output", required=True, help="cache folder or s3:// prefix")
     cache.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: cache every n-th video from i (fan-out)")
     cache.add_argument("--tip_weight", type=float, default=4.0, help="ROI weight on tool-tip cells (seed: 3-5)")

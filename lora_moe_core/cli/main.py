@@ -28,6 +28,7 @@ from lora_moe_core.defaults import (
 )
 from lora_moe_core.errors import EXIT_USER_ERROR, UserError
 from lora_moe_core.families import FAMILIES, family
+from lora_moe_core.model.sources import add_model_flags
 
 PLUGIN_GROUP = "lora_moe.commands"
 
@@ -136,10 +137,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from lora_moe_core.evaluation.run import EvaluationSettings, run_evaluation
+    from lora_moe_core.model.sources import ModelSource
 
     settings = EvaluationSettings(task=args.task, lora_moe_weights=args.lora_moe_weights,
                                   base_lora_weights=args.base_lora_weights, cache=args.cache,
-                                  output_dir=args.output_dir, model=args.model,
+                                  output_dir=args.output_dir, model=ModelSource.of(args),
                                   classifier_weights=args.classifier_weights,
                                   samples_per_family=args.samples_per_family, sample_steps=args.sample_steps,
                                   sample_size=tuple(args.sample_size), seed=args.seed)  # fmt: skip
@@ -229,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="held-out metrics, routing report, samples, report.html")
     evaluate.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK, help="model family")
-    evaluate.add_argument("--model", help="diffusers-layout Wan2.2 folder, local or s3:// (required for t2v-A14B)")
+    add_model_flags(evaluate)
     evaluate.add_argument("--lora_moe_weights", required=True, help="Stage-2 checkpoint")
     evaluate.add_argument("--base_lora_weights", help="Stage-1 LoRA (any format), evaluated as 'stage1'")
     evaluate.add_argument("--cache", required=True, help="held-out latent cache with labels (local or s3://)")
@@ -272,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--output_path", default="output.mp4", help="video of --prompt; gates in <stem>.gates.json")
     infer.add_argument("--output_dir", default="outputs/infer", help="folder of the --prompts_file videos")
     infer.add_argument("--task", choices=TASK_NAMES, help="model family (default: the checkpoint's)")
-    infer.add_argument("--model", help="diffusers-layout Wan2.2 folder, local or s3:// (required for t2v-A14B)")
+    add_model_flags(infer)
     infer.add_argument("--seed", type=int, default=0, help="noise seed")
     infer.add_argument("--num_inference_steps", type=int, default=40, help="UniPC steps")
     infer.add_argument("--guidance_scale", type=float, default=4.0, help="CFG scale of the high-noise DiT")

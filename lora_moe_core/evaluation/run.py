@@ -17,6 +17,7 @@ import torch
 from lora_moe_core.adapters.checkpoint import load_network
 from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork
 from lora_moe_core.data.latent_cache import CacheEntry, read_cache
+from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT
 from lora_moe_core.errors import UserError
 from lora_moe_core.evaluation import metrics as evaluation
 from lora_moe_core.evaluation import report, specialisation
@@ -24,6 +25,7 @@ from lora_moe_core.families import FAMILIES
 from lora_moe_core.families import family as family_entry
 from lora_moe_core.formats.lora_files import read_lora
 from lora_moe_core.guards.files import removed_on_failure
+from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.context import TrackingContext
 
@@ -35,7 +37,7 @@ class EvaluationSettings:
     base_lora_weights: str | None
     cache: str
     output_dir: str
-    model: str | None = None
+    model: ModelSource | str | None = None  # a diffusers folder, or a folder and/or single files
     classifier_weights: str | None = None
     samples_per_family: int = 1
     sample_steps: int = 8
@@ -92,26 +94,35 @@ def _routing(network: LoRAMoENetwork, entries: list[CacheEntry], classifier, met
     return {"confusion": confusion, "gate_means": gate_means}
 
 
-def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier, out: Path, metrics: dict):
-    """Generate clips per family; presence accuracy, flicker and a Fréchet distance on classifier features."""
+def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier, out: Path,
+             metrics: dict) -> list[report.SamplePair]:  # fmt: skip
+    """Generate clips per family, Stage 1 and Stage 2 from the same noise; presence accuracy, flicker and a Fréchet
+    distance on classifier features of the Stage-2 clips.
+
+    "Stage 1" is the checkpoint's frozen base LoRA alone at full strength (``alpha_expert = 0``): the Stage-1 LoRA
+    the user trained; Stage 2 runs at the seed's inference multipliers.
+    """
     from lora_moe_core.data.mp4 import write_mp4
     from lora_moe_core.data.video import frames_to_tensor
     from lora_moe_core.inference.generate import InferenceSession
     from lora_moe_core.model.loading import encode_video
 
-    session = InferenceSession(task=settings.task, model=settings.model, lora_moe_weights=settings.lora_moe_weights,
-                               alpha_base=0.7, alpha_expert=1.0)  # fmt: skip
+    session = InferenceSession(task=settings.task, model=settings.model, lora_moe_weights=settings.lora_moe_weights)
     width, height, frames = settings.sample_size
-    videos, flicker, hits, features = [], [], [], []
+    pairs, flicker, hits, features = [], [], [], []
     for family in FAMILIES:
+        prompt = family_entry(family).sample_prompt
         for index in range(settings.samples_per_family):
-            route = session.route(family_entry(family).sample_prompt, instrument_hint=family)
-            clip = session.generate(family_entry(family).sample_prompt, route, seed=settings.seed + index,
-                                    num_inference_steps=settings.sample_steps, height=height, width=width,
-                                    num_frames=frames)  # fmt: skip
-            path = out / "samples" / f"{family}_{index}.mp4"
-            write_mp4(clip, path)
-            videos.append(path)
+            route = session.route(prompt, instrument_hint=family)
+            pair = report.SamplePair(family, out / "samples" / f"{family}_{index}_stage1.mp4",
+                                     out / "samples" / f"{family}_{index}.mp4")  # fmt: skip
+            for path, multipliers in ((pair.stage1, (1.0, 0.0)), (pair.stage2, (ALPHA_BASE, ALPHA_EXPERT))):
+                session.set_multipliers(*multipliers)
+                clip = session.generate(prompt, route, seed=settings.seed + index, height=height, width=width,
+                                        num_inference_steps=settings.sample_steps, num_frames=frames)  # fmt: skip
+                write_mp4(clip, path)
+                report.write_poster(clip, path)
+            pairs.append(pair)  # the metrics below are on the Stage-2 clip, the last one generated
             flicker.append(evaluation.temporal_flicker(clip))
             if classifier is not None:
                 vae = session.pipeline.vae
@@ -125,7 +136,26 @@ def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier
         with torch.no_grad():
             real = np.stack([classifier.features(e.latents[None])[0].numpy() for e in entries])
         metrics["samples.frechet_classifier"] = evaluation.frechet_distance(np.stack(features), real)
-    return videos
+    return pairs
+
+
+def training_histories(settings: EvaluationSettings) -> dict[str, list[dict]]:
+    """The epoch histories of Stage 1 and Stage 2 (``training_state_final.json`` beside each local weights file),
+    for the report's training curves; a stage whose file is elsewhere (s3://, an imported LoRA) is left out."""
+    from lora_moe_core.guards.files import read_regular_bytes
+    from lora_moe_core.guards.parse import load_json
+
+    histories = {}
+    for stage, weights in (("stage1", settings.base_lora_weights), ("stage2", settings.lora_moe_weights)):
+        state = Path(weights).parent / "training_state_final.json" if weights and "://" not in weights else None
+        if state is None or not state.is_file():
+            continue
+        try:
+            history = load_json(read_regular_bytes(state, "training state").decode("utf-8"), str(state))["history"]
+        except (UserError, KeyError, TypeError, UnicodeDecodeError):
+            continue  # the curves are an extra: a damaged state file only leaves them out
+        histories[stage] = [record for record in history if isinstance(record, dict)]
+    return histories
 
 
 def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None = None) -> dict[str, float]:
@@ -157,7 +187,7 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
     found, misrouting = specialisation.specialisation_metrics(network, entries, dits, boundary, settings.seed)
     metrics.update(found)
     routing = _routing(network, entries, classifier, metrics)
-    videos = _samples(settings, entries, classifier, out, metrics) if settings.samples_per_family else []
+    pairs = _samples(settings, entries, classifier, out, metrics) if settings.samples_per_family else []
     gates = network.timestep_gates
     plots = [report.plot_losses(metrics, out / "loss_by_family.png"),
              report.plot_confusion(routing["confusion"], out / "routing_confusion.png"),
@@ -165,22 +195,32 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
              report.plot_gate_vs_timestep(gates.bucket_gates().tolist(), gates.boundaries.tolist(),
                                           out / "gate_vs_timestep.png"),
              report.plot_misrouting(misrouting, out / "misrouting_matrix.png")]  # fmt: skip
+    histories = training_histories(settings)
+    if histories:
+        plots.insert(0, report.plot_training_curves(histories, out / "training_curves.png"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    report.write_report(metrics, plots, videos, out / "report.html")
-    _track(settings, metrics, out, context)
+    report.write_report(metrics, plots, pairs, out / "report.html")
+    _track(settings, metrics, out, context, entries)
     return metrics
 
 
-def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None) -> None:
-    """Log the metrics and every file of the report to MLflow (a child of the pipeline run when there is one)."""
+def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None,
+           entries: list[CacheEntry]) -> None:  # fmt: skip
+    """Log the metrics, the held-out cache as a dataset input and every file of the report to MLflow (a child of
+    the pipeline run when there is one); metrics.json, report.html and the plots also go to the parent run."""
+    from lora_moe_core.tracking.datasets import cache_dataset_ref
+    from lora_moe_core.tracking.runs import log_to_parent_run
     from lora_moe_core.tracking.tracker import start_tracker
 
     tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
                             context=context)  # fmt: skip
     tracker.log_params({"evaluate": {k: str(v) for k, v in settings.__dict__.items()}})
+    tracker.log_dataset(cache_dataset_ref(settings.cache, entries, "evaluation"))
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
     for name in ("metrics.json", "report.html"):
         tracker.log_artifact(out / name, "evaluation")
-    for path in [*out.glob("*.png"), *(out / "samples").glob("*.mp4")]:
+    for path in [*out.glob("*.png"), *(out / "samples").glob("*")]:  # clips and their posters
         tracker.log_artifact(path, "evaluation" if path.suffix == ".png" else "evaluation/samples")
     tracker.close("FINISHED")
+    report_files = [out / "metrics.json", out / "report.html", *sorted(out.glob("*.png"))]
+    log_to_parent_run(context or TrackingContext.from_env(), [(path, "evaluation") for path in report_files], out)

@@ -17,7 +17,7 @@ from lora_moe_core.guards.parse import load_json
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _check_header(path: Path, what: str) -> None:
+def check_header(path: Path, what: str) -> None:
     """Refuse missing files and pickles before safetensors parses anything, with actionable messages."""
     if os.path.isdir(path):  # os.path: False, not OSError, for a name too long to stat
         raise UserError(f"{what} path {path} is a directory; give the .safetensors file itself")
@@ -54,7 +54,7 @@ def read_safetensors(path: str | Path, what: str = "file") -> tuple[dict[str, to
             holding NaN/Inf — one line each.
     """
     path = Path(path)
-    _check_header(path, what)
+    check_header(path, what)
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as handle:

@@ -29,6 +29,7 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.inference.prompts import negative_or_default, plan_jobs
 from lora_moe_core.inference.request import InferenceRequest
+from lora_moe_core.model.sources import ModelSource
 
 FPS = 16  # WAN2.2 A14B generates 16 fps clips
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,7 +116,8 @@ class InferenceSession:
     """A WanPipeline (two DiTs, UniPC flow scheduler) with a LoRA-MoE applied to both DiTs.
 
     Args:
-        task, model: ``t2v-A14B`` with a diffusers-layout folder (local or s3://), or ``tiny`` (random, no folder).
+        task, model: ``t2v-A14B`` with a diffusers-layout folder (local or s3://) or a ``ModelSource`` (folder and/or
+            musubi's single files), or ``tiny`` (random parts for whatever is not given).
         lora_moe_weights: Stage-2/3 checkpoint; None runs the base model.
         alpha_base, alpha_expert: branch multipliers; None keeps the checkpoint's.
         merge: fold the adapters into the DiT weights for each route (exact with one DiT per timestep bucket).
@@ -124,10 +126,11 @@ class InferenceSession:
         flow_shift: UniPC flow shift (default: the task's official 12).
     """
 
-    def __init__(self, task: str = "t2v-A14B", model: str | None = None, lora_moe_weights: str | None = None,
-                 alpha_base: float | None = None, alpha_expert: float | None = None, merge: bool = False,
-                 classifier_weights: str | None = None, device: str | None = None,
-                 dtype: torch.dtype | str | None = None, flow_shift: float | None = None):  # fmt: skip
+    def __init__(self, task: str = "t2v-A14B", model: ModelSource | str | None = None,
+                 lora_moe_weights: str | None = None, alpha_base: float | None = None,
+                 alpha_expert: float | None = None, merge: bool = False, classifier_weights: str | None = None,
+                 device: str | None = None, dtype: torch.dtype | str | None = None,
+                 flow_shift: float | None = None):  # fmt: skip
         from diffusers import UniPCMultistepScheduler, WanPipeline
 
         from lora_moe_core.data.vocabulary import Vocabulary
@@ -141,7 +144,7 @@ class InferenceSession:
         if merge and lora_moe_weights is None:
             raise UserError("--merge needs --lora_moe_weights (there is nothing to merge into the base model)")
         encoders = load_encoders(task, model, self.dtype)
-        if model is None and self.device.type != "cpu":
+        if task == "tiny" and self.device.type != "cpu":
             encoders = copy.deepcopy(encoders)  # the tiny encoders are memoised: leave the shared copy on the CPU
         self.dits = load_dits(task, model, self.dtype)
         self.network = self._load_network(lora_moe_weights, alpha_base, alpha_expert)
@@ -177,6 +180,12 @@ class InferenceSession:
         for dit in self._unique_dits():
             network.apply_to(dit)
         return network
+
+    def set_multipliers(self, alpha_base: float, alpha_expert: float) -> None:
+        """Branch multipliers for the next clips (``alpha_expert=0`` runs the frozen Stage-1 LoRA alone)."""
+        if self.merge:
+            raise UserError("multipliers of a merged session are folded into the weights; run without --merge")
+        self.network.route.alpha_base, self.network.alpha_expert = alpha_base, alpha_expert
 
     def _unique_dits(self) -> list[torch.nn.Module]:
         """A model folder without ``transformer_2`` serves both regimes with one DiT: adapt it once."""
@@ -321,8 +330,9 @@ def run_infer(args: InferenceRequest) -> list[Path]:
                 "guidance_scale_2": args.guidance_scale_2, "height": args.height, "width": args.width,
                 "num_frames": args.num_frames}  # fmt: skip
     written = []
-    with InferenceSession(task, args.model, args.lora_moe_weights, args.alpha_base, args.alpha_expert, args.merge,
-                          args.classifier_weights, args.device, args.dtype, args.flow_shift) as session:  # fmt: skip
+    with InferenceSession(task, ModelSource.of(args), args.lora_moe_weights, args.alpha_base, args.alpha_expert,
+                          args.merge, args.classifier_weights, args.device, args.dtype,
+                          args.flow_shift) as session:  # fmt: skip
         for job in jobs:
             start = time.perf_counter()
             route = session.route(job.prompt, job.instrument_hint, job.reference_video, args.height, args.width,
@@ -333,7 +343,8 @@ def run_infer(args: InferenceRequest) -> list[Path]:
                       "instrument_hint": job.instrument_hint, "reference_video": job.reference_video,
                       "seed": job.seed, **settings, "fps": FPS, "flow_shift": session.flow_shift,
                       "boundary_ratio": session.task.boundary_ratio, "negative_prompt": job.negative_prompt,
-                      "task": task, "model": args.model, "lora_moe_weights": args.lora_moe_weights,
+                      "task": task, "model": args.model, **ModelSource.of(args).overrides(),
+                      "lora_moe_weights": args.lora_moe_weights,
                       "device": str(session.device), "dtype": str(session.dtype).removeprefix("torch."),
                       "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
             text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"

@@ -34,7 +34,11 @@ class InferenceRequest:
     output_path: str = "output.mp4"  # the video of ``prompt``
     output_dir: str = "outputs/infer"  # the videos of ``prompts_file`` / ``prompts``
     task: str | None = None  # default: the checkpoint's
-    model: str | None = None
+    model: str | None = None  # diffusers-layout folder; the four files below win over its parts
+    dit: str | None = None  # musubi's single files: low-noise DiT, high-noise DiT, VAE, UMT5 encoder
+    dit_high_noise: str | None = None
+    vae: str | None = None
+    t5: str | None = None
     seed: int = 0
     num_inference_steps: int = 40
     guidance_scale: float = 4.0

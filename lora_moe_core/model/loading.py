@@ -1,8 +1,10 @@
 """The WAN2.2 components around the DiT: VAE, UMT5 text encoder, tokenizer, scheduler, whole pipelines.
 
 Real weights load from a diffusers-layout folder (``Wan-AI/Wan2.2-T2V-A14B-Diffusers`` as downloaded, local or
-``s3://``). ``tiny`` builds every part small and random from a fixed seed; :func:`save_tiny_model` writes it in
-the same diffusers layout, so the loading path that reads real weights is tested on a tiny saved folder.
+``s3://``) and/or from the original Wan single files musubi-tuner users hold (:class:`ModelSource`; a file given
+for a part wins over the folder's copy). ``tiny`` builds every part small and random from a fixed seed;
+:func:`save_tiny_model` writes it in the diffusers layout and :func:`save_tiny_single_files` as original-layout
+single files, so both loading paths for real weights are tested on tiny saved files.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +21,17 @@ import torch
 from torch import nn
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.model.tiny_vae import make_patch_average_encoder
 from lora_moe_core.model.wan import build_transformer, get_task
 
 # base_dim 8: the deterministic encoder (tiny_vae.py) needs >= 4 channels; wider ones make CPU conv3d the cost of
 # caching and inference.
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+# diffusers' Wan VAE single-file converter maps only the Wan2.1 geometry (dim_mult 1,2,4,4, two res blocks; its decoder
+# indices are hard-coded), so tiny single files use that geometry at a small width instead of TINY_VAE's.
+TINY_SINGLE_FILE_VAE = dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                            temperal_downsample=[False, True, True])  # fmt: skip
 TINY_TEXT_ENCODER = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8)
 MAX_SEQUENCE_LENGTH = 512  # UMT5 context Wan was trained with; prompts are zero-padded to it
 
@@ -85,12 +93,12 @@ def build_tiny_encoders(seed: int = 0) -> Encoders:
     vae = AutoencoderKLWan(**TINY_VAE).eval()
     make_patch_average_encoder(vae, seed)  # a random encoder erases what tells the families apart (issue #13)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_TEXT_ENCODER))
-    _calibrate_latent_stats(vae)
+    calibrate_latent_stats(vae)
     return Encoders(vae, text_encoder.eval(), tokenizer)
 
 
 @torch.no_grad()
-def _calibrate_latent_stats(vae: nn.Module) -> None:
+def calibrate_latent_stats(vae: nn.Module) -> None:
     """Set ``latents_mean``/``latents_std`` to this tiny VAE's own per-channel statistics.
 
     The real Wan VAE ships statistics that make its latents roughly unit-variance; a tiny VAE with Wan's
@@ -144,26 +152,62 @@ def resolve_model_folder(model: str) -> Path:
     return folder
 
 
-def load_encoders(task: str, model: str | None = None, dtype: torch.dtype = torch.float32) -> Encoders:
-    """VAE, text encoder and tokenizer for ``task``: from ``model`` when given, else tiny random (tiny only)."""
+def _required(task: str, part: str) -> UserError:
+    return UserError(f"--model is required for {task}: a diffusers-layout Wan2.2 folder (local or s3://), or the "
+                     f"single file for the {part} ({MODEL_FILE_FLAGS[part]})")  # fmt: skip
+
+
+MODEL_FILE_FLAGS = {"VAE": "--vae", "text encoder": "--t5", "DiT": "--dit and --dit_high_noise",
+                    "model": "--dit/--dit_high_noise/--vae/--t5"}  # fmt: skip
+
+
+def load_encoders(task: str, model: ModelSource | str | None = None, dtype: torch.dtype = torch.float32) -> Encoders:
+    """VAE, text encoder and tokenizer for ``task``.
+
+    ``model`` is a diffusers-layout folder or a :class:`ModelSource` (folder and/or ``--vae``/``--t5`` files; a file
+    wins over the folder's part). ``tiny`` builds whatever is not given, small and random.
+    """
+    from lora_moe_core.model.single_file import load_t5_file, load_umt5_tokenizer, load_vae_file
+
+    get_task(task)
+    source = ModelSource.of(model)
+    folder = resolve_model_folder(source.model) if source.model else None
+    tiny = build_tiny_encoders() if task == "tiny" and folder is None else None
+    if source.vae:
+        vae = load_vae_file(source.vae, task, folder)
+    elif folder is not None:
+        vae = _from_folder(folder, "vae", dtype).vae
+    elif tiny is not None:
+        vae = tiny.vae
+    else:
+        raise _required(task, "VAE" if source.t5 else "model")
+    if source.t5:
+        tokenizer = load_umt5_tokenizer(task, folder)
+        text_encoder = load_t5_file(source.t5, task, dtype, folder, vocab_size=len(tokenizer))
+    elif folder is not None:
+        loaded = _from_folder(folder, "text_encoder", dtype)
+        text_encoder, tokenizer = loaded.text_encoder, loaded.tokenizer
+    elif tiny is not None:
+        text_encoder, tokenizer = tiny.text_encoder, tiny.tokenizer
+    else:
+        raise _required(task, "text encoder")
+    return Encoders(vae.eval(), text_encoder.eval(), tokenizer)
+
+
+def _from_folder(folder: Path, part: str, dtype: torch.dtype) -> Encoders:
+    """The VAE (``part="vae"``) or the text encoder and tokenizer of a diffusers-layout folder."""
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    get_task(task)
-    if model is None:
-        if task != "tiny":
-            raise UserError(f"--model is required for {task}: a diffusers-layout Wan2.2 folder (local or s3://)")
-        return build_tiny_encoders()
-    folder = resolve_model_folder(model)
     try:
-        vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True)
-        text_encoder = UMT5EncoderModel.from_pretrained(
-            folder / "text_encoder", torch_dtype=dtype, use_safetensors=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        if part == "vae":
+            return Encoders(AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32,
+                                                             use_safetensors=True), None, None)  # fmt: skip
+        text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype,
+                                                        use_safetensors=True)  # fmt: skip
+        return Encoders(None, text_encoder, AutoTokenizer.from_pretrained(folder / "tokenizer"))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the VAE/text encoder from {folder}: {str(exc).splitlines()[0]}") from None
-    return Encoders(vae.eval(), text_encoder.eval(), tokenizer)
 
 
 @torch.no_grad()
@@ -204,33 +248,86 @@ def latent_stats(vae: nn.Module, device: torch.device | str) -> tuple[torch.Tens
     return mean, std
 
 
-def load_dits(task: str, model: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+def load_dits(
+    task: str, model: ModelSource | str | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, nn.Module]:
     """The DiT(s): ``{"high": transformer, "low": transformer_2}`` for Wan2.2-A14B (frozen, eval).
 
-    ``tiny`` without ``model`` builds the same random pair :func:`save_tiny_model` writes.
+    ``model`` is a diffusers-layout folder or a :class:`ModelSource`: ``--dit`` (low noise) and ``--dit_high_noise``
+    files win over the folder's ``transformer_2`` and ``transformer``. One DiT alone serves both noise regimes
+    (musubi does the same with ``--dit`` only). ``tiny`` without any source builds the pair
+    :func:`save_tiny_model` writes.
     """
-    from diffusers import WanTransformer3DModel
+    from lora_moe_core.model.single_file import load_dit_file
 
-    if model is None:
+    source = ModelSource.of(model)
+    folder = resolve_model_folder(source.model) if source.model else None
+    if source.dit_high_noise and not source.dit and folder is None:
+        raise UserError("--dit_high_noise needs --dit (the low-noise DiT), as in musubi-tuner")
+    dits: dict[str, nn.Module] = {}
+    if source.dit_high_noise:
+        dits["high"] = load_dit_file(source.dit_high_noise, "dit_high_noise", task, dtype, folder)
+    elif folder is not None:
+        dits["high"] = _dit_from_folder(folder, "transformer", dtype)
+    if source.dit:
+        dits["low"] = load_dit_file(source.dit, "dit", task, dtype, folder)
+    elif folder is not None and (folder / "transformer_2").is_dir():
+        dits["low"] = _dit_from_folder(folder, "transformer_2", dtype)
+    if not dits:
         if task != "tiny":
-            raise UserError(f"--model is required for {task}: a diffusers-layout Wan2.2 folder (local or s3://)")
+            raise _required(task, "DiT")
         dits = {"high": build_transformer("tiny", seed=0, dtype=dtype),
                 "low": build_transformer("tiny", seed=1, dtype=dtype)}  # fmt: skip
-    else:
-        folder = resolve_model_folder(model)
-        try:
-            dits = {
-                "high": WanTransformer3DModel.from_pretrained(
-                    folder / "transformer", torch_dtype=dtype, use_safetensors=True
-                )
-            }
-            if (folder / "transformer_2").is_dir():
-                dits["low"] = WanTransformer3DModel.from_pretrained(
-                    folder / "transformer_2", torch_dtype=dtype, use_safetensors=True
-                )
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load the DiT from {folder}: {str(exc).splitlines()[0]}") from None
+    if "high" not in dits and get_task(task).two_experts:
+        print("warning: only --dit given: the low-noise DiT also runs the high-noise steps (as musubi-tuner does); "
+              "pass --dit_high_noise for Wan2.2's high-noise expert", file=sys.stderr)  # fmt: skip
     for dit in dits.values():
         dit.eval().requires_grad_(False)
+    dits.setdefault("high", dits.get("low"))
     dits.setdefault("low", dits["high"])  # a single-DiT model serves both noise regimes
     return dits
+
+
+def _dit_from_folder(folder: Path, subfolder: str, dtype: torch.dtype) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    try:
+        return WanTransformer3DModel.from_pretrained(folder / subfolder, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the DiT from {folder}: {str(exc).splitlines()[0]}") from None
+
+
+def build_tiny_single_file_vae(seed: int = 0) -> nn.Module:
+    """The random Wan2.1-geometry VAE :func:`save_tiny_single_files` writes (``TINY_SINGLE_FILE_VAE``)."""
+    from diffusers import AutoencoderKLWan
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(**TINY_SINGLE_FILE_VAE).eval()
+    torch.random.set_rng_state(generator_state)
+    return vae
+
+
+def save_tiny_single_files(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny model as the original Wan single files a musubi-tuner user holds; returns ``{flag: path}``.
+
+    The DiTs are the pair :func:`load_dits` builds (``dit`` = low noise, seed+1), the T5 the tiny encoder as a
+    tensors-only ``.pth``; the VAE is a random Wan2.1-geometry VAE (``TINY_SINGLE_FILE_VAE``), seed ``seed``.
+    """
+    from safetensors.torch import save_file
+
+    from lora_moe_core.model.single_file import dit_to_original, t5_to_original, vae_to_original
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"dit": folder / "wan2.2_t2v_low_noise_tiny.safetensors",
+             "dit_high_noise": folder / "wan2.2_t2v_high_noise_tiny.safetensors",
+             "vae": folder / "wan_2.1_vae_tiny.safetensors", "t5": folder / "models_t5_umt5-tiny-enc.pth"}  # fmt: skip
+    for flag, dit_seed in (("dit", seed + 1), ("dit_high_noise", seed)):
+        state = build_transformer("tiny", seed=dit_seed).state_dict()
+        save_file({k: v.contiguous() for k, v in dit_to_original(state).items()}, paths[flag])
+    vae_state = build_tiny_single_file_vae(seed).state_dict()
+    save_file({k: v.contiguous() for k, v in vae_to_original(vae_state).items()}, paths["vae"])
+    text_state = build_tiny_encoders(seed).text_encoder.state_dict()
+    torch.save({k: v.clone() for k, v in t5_to_original(text_state).items()}, paths["t5"])
+    return paths

@@ -381,6 +381,19 @@ class Storage:
 
         return [rel for rel in parallel(self.workers, _local_files(src), push) if rel is not None]
 
+    def sync_file_from(self, uri: PathOrUri, local_path: PathOrUri) -> bool:
+        """Download one object to ``local_path`` unless the file there is identical (size and ETag); True if copied."""
+        text, target = os.fspath(uri), Path(local_path)
+        parent, _, name = text.rstrip("/").rpartition("/")
+        found = self._s3_objects(parent).get(name)
+        if found is None:
+            raise UserError(f"{text} does not exist")
+        if target.is_file() and target.stat().st_size == found[0]:
+            if _file_digests(target, self.part_size).etag == found[1]:
+                return False
+        self.download(text, target)
+        return True
+
     def sync_dir_from(self, uri: PathOrUri, local_dir: PathOrUri) -> list[str]:
         """Copy everything under ``uri`` into ``local_dir`` unless identical there (as ``sync_dir_to``), refusing
         keys that would land outside it; never deletes; returns the relative paths copied."""

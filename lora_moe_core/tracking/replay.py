@@ -26,7 +26,7 @@ from lora_moe_core.redaction import redact_url
 from lora_moe_core.tracking.tracker import _REJECTED_CODES, MLflowTracker, _Rejected, _set_http_defaults, _short
 
 log = logging.getLogger(__name__)
-SENDABLE = frozenset({"params", "metrics", "tags", "artifact", "close"})
+SENDABLE = frozenset({"params", "metrics", "tags", "artifact", "dataset", "close"})
 
 
 @dataclass

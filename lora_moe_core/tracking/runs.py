@@ -43,6 +43,28 @@ def start_parent_run(
     return tracker.run_id
 
 
+def log_to_parent_run(
+    context: TrackingContext, files: list[tuple[Path, str]], output_dir: str | Path, tracking_uri: str | None = None
+) -> bool:
+    """Upload ``(file, artifact folder)`` pairs to the pipeline's parent run as well (the report and plots are what
+    a reader of the pipeline run looks for first). The parent stays RUNNING: ``finish-tracking`` ends it.
+
+    Returns False when there is no parent, tracking is off, or MLflow is away: the calls then wait in
+    ``<output_dir>/tracking_fallback.jsonl`` for ``lora-moe sync-tracking``, as every other call does.
+    """
+    from lora_moe_core.tracking.tracker import DISABLED_URIS, FALLBACK_FILE
+
+    uri = resolve_tracking_uri(tracking_uri, output_dir)
+    if not context.parent_run_id or uri.strip().lower() in DISABLED_URIS:
+        return False
+    _set_http_defaults()
+    parent = MLflowTracker(uri, "parent", context.experiment, fallback_path=Path(output_dir) / FALLBACK_FILE,
+                           run_id=context.parent_run_id)  # fmt: skip
+    for path, folder in files:
+        parent.log_artifact(path, folder)
+    return parent.flush()
+
+
 def finish_run(
     run_id: str, status: str = "FINISHED", tracking_uri: str | None = None, output_dir: str | Path | None = None
 ) -> bool:

@@ -39,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 from lora_moe_core.defaults import EXPERIMENT
 from lora_moe_core.redaction import redact, redact_mapping, redact_url
 from lora_moe_core.tracking.context import TrackingContext
+from lora_moe_core.tracking.datasets import DatasetRef
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ RETRY_INTERVAL_S = 60.0
 # Read by MLflow per request from os.environ (see the module doc); set only where the user has not.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
 PARENT_RUN_TAG = "mlflow.parentRunId"
+# The MLflow 3 UI opens an experiment in its training-runs view ("Machine learning") when this experiment tag says
+# custom_model_development; untagged ones it guesses, and may open as GenAI (traces). Key and value as the UI's
+# own (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT; mlflow/demo/generators/traces.py sets the tag).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 DISABLED_URIS = frozenset({"none", "off", "disabled"})
 # MLflow 3.17 limits (mlflow/utils/validation.py): values beyond these make the whole batch fail.
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
@@ -65,6 +70,7 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dataset(self, dataset: DatasetRef) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -87,6 +93,7 @@ class NullTracker(_TrackerContext):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dataset(self, dataset: DatasetRef) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -161,13 +168,16 @@ def _experiment_id(client, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})  # fmt: skip
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             experiment = client.get_experiment_by_name(name)
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag existed; a kind the user chose stays
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -229,6 +239,10 @@ class MLflowTracker(_TrackerContext):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a folder's contents, under ``artifact_path`` of the run."""
         self._submit({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_dataset(self, dataset: DatasetRef) -> None:
+        """Log a dataset input of the run (``MlflowClient.log_inputs``), shown in the run's Datasets and lineage."""
+        self._submit(dataset.entry())
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags (values stringified)."""
@@ -344,6 +358,14 @@ class MLflowTracker(_TrackerContext):
                 client.log_artifact(run_id, str(path), entry["artifact_path"])
             else:
                 raise _Rejected(f"no such file or folder: {path}")
+        elif kind == "dataset":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            from lora_moe_core.tracking.datasets import DATASET_CONTEXT_TAG
+
+            dataset = Dataset(entry["name"], entry["digest"], entry["source_type"], entry["source"],
+                              profile=entry.get("profile"))  # fmt: skip
+            client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(DATASET_CONTEXT_TAG, entry["context"])])])
         elif kind == "close":
             client.set_terminated(run_id, status=entry["status"])
 

@@ -55,6 +55,9 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     from accelerate import Accelerator
 
     from lora_moe_core.model.loading import load_dits
+    from lora_moe_core.model.sources import ModelSource
+    from lora_moe_core.tracking.datasets import cache_dataset_ref
+    from lora_moe_core.tracking.system import SystemMetricsTracker
     from lora_moe_core.tracking.tracker import NullTracker, start_tracker
 
     training = config.training
@@ -65,7 +68,7 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     _check_entries(config, entries)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = _device(accelerator)
-    dits = load_dits(config.model.task, config.model.model, dtype=weights_dtype(training, device))
+    dits = load_dits(config.model.task, ModelSource.of(config.model), dtype=weights_dtype(training, device))
     recipe = prepare_recipe(config, dits, device, entries)
     if accelerator.num_processes > 1:
         recipe.gather = accelerator.gather  # gate statistics over every rank's samples
@@ -79,6 +82,9 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
                                 experiment=training.experiment, output_dir=output_dir,
                                 tags={"stage": training.training_stage, "task": config.model.task},
                                 context=context)  # fmt: skip
+        if not isinstance(tracker, NullTracker):  # CPU/GPU/memory in the run's System metrics tab
+            tracker = SystemMetricsTracker(tracker)
+        tracker.log_dataset(cache_dataset_ref(training.cache, entries, "training"))
     loop = TrainingLoop(config, recipe, entries, output_dir, tracker, device, accelerator.process_index,
                         accelerator.num_processes)  # fmt: skip
     if training.resume:
