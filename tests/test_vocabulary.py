@@ -260,5 +260,5 @@ def test_bad_vocab_files(tmp_path, content):
 
 
 def test_missing_vocab_file(tmp_path):
-    with pytest.raises(UserError, match="cannot read vocabulary file"):
+    with pytest.raises(UserError, match=r"vocabulary file .*nope.toml does not exist"):
         Vocabulary.load(tmp_path / "nope.toml")
