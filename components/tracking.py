@@ -22,8 +22,8 @@ def start_tracking(experiment: str, pipeline: str, kfp_run_id: str, kfp_run_name
 
     from lora_moe_core.redaction import redact
     from lora_moe_core.tracking.context import TrackingContext
+    from lora_moe_core.tracking.mlflow_client import resolve_tracking_uri
     from lora_moe_core.tracking.runs import start_parent_run
-    from lora_moe_core.tracking.tracker import resolve_tracking_uri
 
     context = TrackingContext(experiment=experiment, kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name)
     run_id = start_parent_run(kfp_run_name or pipeline, context, tags={"kfp.pipeline": pipeline, "stage": "pipeline"},

@@ -35,6 +35,7 @@ from lora_moe_core.data.synth import generate_dataset
 from lora_moe_core.errors import disk_full_reason
 from lora_moe_core.formats.safetensors_io import read_safetensors
 from lora_moe_core.tracking import tracker as tracking
+from lora_moe_core.tracking.mlflow_client import HTTP_ENV_DEFAULTS
 from lora_moe_core.training import state as run_state
 from lora_moe_core.training.state import STATE_FILE
 from tests.mlflow_server import _free_port, _server_command, _wait_healthy
@@ -302,7 +303,7 @@ class _KillServerAt:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if step == self.step and self.http_env is None:
-            self.http_env = {key: os.environ.get(key) for key in tracking.HTTP_ENV_DEFAULTS}
+            self.http_env = {key: os.environ.get(key) for key in HTTP_ENV_DEFAULTS}
             self.server.kill()
         self.tracker.log_metrics(metrics, step)
 
@@ -352,7 +353,7 @@ def test_mlflow_down_at_start_and_killed_mid_run(tiny_cache, stage1, tmp_path, m
         assert main(_stage2_argv(tiny_cache, stage1, killed, *RUN[:2], "--num_train_epochs", "20")) == 0
         with capsys.disabled():
             print(f"\nrun of 6 steps with the server killed before step 3: {time.monotonic() - started:.1f} s")
-        assert wrapped[0].http_env == tracking.HTTP_ENV_DEFAULTS  # short timeout, 1 retry: no stall for minutes
+        assert wrapped[0].http_env == HTTP_ENV_DEFAULTS  # short timeout, 1 retry: no stall for minutes
         assert _fallback_steps(killed / tracking.FALLBACK_FILE) == [3, 4, 5, 6]
         across.log_metrics({"loss": 1.0}, step=1)  # server dead: kept, not sent
         err = _one_line_error(capsys, ["sync-tracking", str(killed / tracking.FALLBACK_FILE)])

@@ -187,7 +187,8 @@ def test_tracker_masks_params_tags_uri_and_errors_in_warnings_and_fallback(tmp_p
     everything the server would have received, carry no secret."""
     import socket
 
-    from lora_moe_core.tracking.tracker import FALLBACK_FILE, HTTP_ENV_DEFAULTS, start_tracker
+    from lora_moe_core.tracking.mlflow_client import HTTP_ENV_DEFAULTS
+    from lora_moe_core.tracking.tracker import FALLBACK_FILE, start_tracker
 
     for key, value in HTTP_ENV_DEFAULTS.items():  # start_tracker sets these process-wide; restore them after
         monkeypatch.setenv(key, value)

@@ -14,10 +14,10 @@ import pytest
 
 from lora_moe_core.errors import UserError
 from lora_moe_core.tracking.context import TrackingContext
+from lora_moe_core.tracking.mlflow_client import HTTP_ENV_DEFAULTS
 from lora_moe_core.tracking.runs import finish_run, register_model, start_parent_run
 from lora_moe_core.tracking.tracker import (
     FALLBACK_FILE,
-    HTTP_ENV_DEFAULTS,
     MAX_PARAM_VALUE,
     MLflowTracker,
     NullTracker,

@@ -14,10 +14,11 @@ import pytest
 
 from lora_moe_core.tracking.context import TrackingContext
 from lora_moe_core.tracking.datasets import DatasetRef, labelled_dataset
+from lora_moe_core.tracking.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from lora_moe_core.tracking.replay import replay_fallback
 from lora_moe_core.tracking.runs import log_to_parent_run, start_parent_run
 from lora_moe_core.tracking.system import SystemMetricsTracker
-from lora_moe_core.tracking.tracker import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, FALLBACK_FILE, start_tracker
+from lora_moe_core.tracking.tracker import FALLBACK_FILE, start_tracker
 
 
 @pytest.fixture(autouse=True)

@@ -84,7 +84,7 @@ def fetch_checkpoint(uri: str, folder: str | Path, tracking_uri: str | None = No
 def _download_registered(uri: str, folder: Path, tracking_uri: str | None) -> Path:
     import mlflow
 
-    from lora_moe_core.tracking.tracker import resolve_tracking_uri
+    from lora_moe_core.tracking.mlflow_client import resolve_tracking_uri
 
     resolved = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(resolved)

@@ -23,7 +23,8 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.guards.files import read_regular_bytes
 from lora_moe_core.guards.parse import load_json
 from lora_moe_core.redaction import redact_url
-from lora_moe_core.tracking.tracker import _REJECTED_CODES, MLflowTracker, _Rejected, _set_http_defaults, _short
+from lora_moe_core.tracking.mlflow_client import _REJECTED_CODES, _Rejected, _set_http_defaults, _short
+from lora_moe_core.tracking.tracker import MLflowTracker
 
 log = logging.getLogger(__name__)
 SENDABLE = frozenset({"params", "metrics", "tags", "artifact", "dataset", "close"})

@@ -15,14 +15,8 @@ from pathlib import Path
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import redact
 from lora_moe_core.tracking.context import TrackingContext
-from lora_moe_core.tracking.tracker import (
-    MLflowTracker,
-    _make_client,
-    _set_http_defaults,
-    _short,
-    resolve_tracking_uri,
-    start_tracker,
-)
+from lora_moe_core.tracking.mlflow_client import _make_client, _set_http_defaults, _short, resolve_tracking_uri
+from lora_moe_core.tracking.tracker import MLflowTracker, start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +46,8 @@ def log_to_parent_run(
     Returns False when there is no parent, tracking is off, or MLflow is away: the calls then wait in
     ``<output_dir>/tracking_fallback.jsonl`` for ``lora-moe sync-tracking``, as every other call does.
     """
-    from lora_moe_core.tracking.tracker import DISABLED_URIS, FALLBACK_FILE
+    from lora_moe_core.tracking.mlflow_client import DISABLED_URIS
+    from lora_moe_core.tracking.tracker import FALLBACK_FILE
 
     uri = resolve_tracking_uri(tracking_uri, output_dir)
     if not context.parent_run_id or uri.strip().lower() in DISABLED_URIS:
