@@ -14,6 +14,14 @@ LORA_FORMATS: tuple[str, ...] = ("musubi", "comfy", "diffusers")
 #: Storage dtypes of written tensors, by their command-line names.
 DTYPE_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
+
+def torch_dtype(name: str):
+    """The torch dtype of a :data:`DTYPE_NAMES` entry (torch is imported only when this is called)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 #: The seed's inference multipliers (``infer --alpha_base 0.7 --alpha_expert 1.0``); ``export`` uses the same, so
 #: an exported per-instrument LoRA reproduces ``infer`` by default. Training runs at 1.0 (config ``alpha_base``).
 ALPHA_BASE = 0.7

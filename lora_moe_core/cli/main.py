@@ -25,6 +25,7 @@ from lora_moe_core.defaults import (
     REGISTERED_MODEL,
     REGISTRY_ALIAS,
     TASK_NAMES,
+    torch_dtype,
 )
 from lora_moe_core.errors import EXIT_USER_ERROR, UserError
 from lora_moe_core.families import FAMILIES, family
@@ -80,12 +81,6 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 # -- commands ---------------------------------------------------------------------------------------------------
 def _show_config(args: argparse.Namespace) -> int:
     from lora_moe_core.config import config_to_dict
@@ -97,7 +92,7 @@ def _show_config(args: argparse.Namespace) -> int:
 def _convert_lora(args: argparse.Namespace) -> int:
     from lora_moe_core.formats.lora_files import convert_lora_file
 
-    lora = convert_lora_file(args.input, args.to, args.output, _dtype(args.dtype) if args.dtype else None)
+    lora = convert_lora_file(args.input, args.to, args.output, torch_dtype(args.dtype) if args.dtype else None)
     ranks = sorted({module.rank for module in lora.modules.values()})
     print(f"{args.input} ({lora.format}, {len(lora.modules)} modules, ranks {ranks}) -> {args.output} ({args.to})")
     return 0
@@ -119,7 +114,7 @@ def _export(args: argparse.Namespace) -> int:
         args.to,
         args.alpha_base,
         args.alpha_expert,
-        _dtype(args.dtype),
+        torch_dtype(args.dtype),
         protect=[args.lora_moe_weights],
     )
     print("gates " + ", ".join(f"{name}={value:.3f}" for name, value in zip(FAMILIES, gates.tolist(), strict=True)))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_moe_core.defaults import torch_dtype
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.inference.prompts import negative_or_default, plan_jobs
@@ -32,7 +33,6 @@ from lora_moe_core.inference.request import InferenceRequest
 from lora_moe_core.model.sources import ModelSource
 
 FPS = 16  # WAN2.2 A14B generates 16 fps clips
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- routing ------------------------------------------------------------------------------------------------------
@@ -139,7 +139,9 @@ class InferenceSession:
 
         self.task = get_task(task)
         self.device = resolve_device(device)
-        self.dtype = _DTYPES.get(dtype, dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = (torch_dtype(dtype) if isinstance(dtype, str) else dtype) or (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        )
         self.flow_shift = self.task.flow_shift if flow_shift is None else flow_shift
         if merge and lora_moe_weights is None:
             raise UserError("--merge needs --lora_moe_weights (there is nothing to merge into the base model)")
