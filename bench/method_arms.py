@@ -73,14 +73,18 @@ def lora_clip_losses(lora: Path | None, heldout: list[CacheEntry], stage1: Path 
     return spec.clip_losses(heldout, dits, BOUNDARY, {"plain": lambda batch: None})["plain"]
 
 
-def train_stage1(train: list[CacheEntry], seed: int, epochs: int, out: Path) -> tuple[Path, Path, list[dict]]:
-    """Stage 1 on the pooled clips; also saves the half-way checkpoint, to show the plateau."""
+def train_stage1(train: list[CacheEntry], seed: int, epochs: int, out: Path) -> tuple[Path, list[Path], list[dict]]:
+    """Stage 1 on the pooled clips; also saves a checkpoint after every eighth of its steps, to show the plateau.
+
+    Returns the final LoRA, the eight checkpoints (the last is the final one) and the epoch history."""
     steps = epochs * -(-len(train) // 2)
-    overrides = {"seed": seed, "num_train_epochs": epochs, "output_dir": str(out), "save_every_n_steps": steps // 2}
+    every = max(1, steps // 8)
+    overrides = {"seed": seed, "num_train_epochs": epochs, "output_dir": str(out), "save_every_n_steps": every}
     config = load_config(DEMO / "vanilla_lora.toml", overrides)
     torch.manual_seed(seed)
     final, _, history = _train(config, Stage1Recipe(config, load_dits("tiny"), CPU), train, out)
-    return final, out / f"lora_step_{steps // 2}.safetensors", history
+    checkpoints = [out / f"lora_step_{k * every}.safetensors" for k in range(1, 8)]
+    return final, [*(path for path in checkpoints if path.exists()), final], history
 
 
 def shuffled_labels(entries: list[CacheEntry], seed: int) -> list[CacheEntry]:
@@ -105,12 +109,13 @@ def train_stage2(arm: str, train: list[CacheEntry], seed: int, epochs: int, stag
     return final, steps
 
 
-def evaluate_stage2(checkpoint: Path, heldout: list[CacheEntry]) -> dict[str, float]:
-    """What ``lora-moe evaluate`` reports about specialisation, on a fresh load of the checkpoint."""
+def evaluate_stage2(checkpoint: Path, heldout: list[CacheEntry]) -> tuple[dict[str, float], np.ndarray]:
+    """What ``lora-moe evaluate`` reports about specialisation, on a fresh load of the checkpoint, and the per-clip
+    losses ``[N, E]`` with each expert forced (for intervals over seeds)."""
     dits = load_dits("tiny")
     network = load_network(checkpoint, linear_shapes(dits["high"]))
-    metrics, _ = spec.specialisation_metrics(network, heldout, dits, BOUNDARY, seed=0)
-    return metrics
+    per_route = spec.route_losses(network, heldout, dits, BOUNDARY, seed=0)
+    return spec.summarise(per_route, spec.family_members(heldout)), spec.expert_clip_losses(per_route)
 
 
 def train_vanilla(entries: list[CacheEntry], seed: int, epochs: int, stage1: Path, out: Path, scale: int) -> tuple:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -54,11 +56,19 @@ def test_method_benchmark_smoke_reports_every_arm(tmp_path):
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    arms = report["per_seed"][0]
-    assert {"stage1", "routed", "shuffled", "uniform", "vanilla", "oracle"} <= arms.keys()
-    assert arms["routed"]["steps"] == arms["uniform"]["steps"] == arms["vanilla"]["steps"]  # matched steps
+    assert len(report["per_seed"]) == 2  # two seeds, trained in two worker processes
+    for arms in report["per_seed"]:
+        assert {"stage1", "routed", "shuffled", "uniform", "vanilla", "oracle"} <= arms.keys()
+        assert arms["routed"]["steps"] == arms["uniform"]["steps"] == arms["vanilla"]["steps"]  # matched steps
+        curve = arms["stage1"]["val_loss_by_eighth"]
+        assert len(curve) == 8 and curve[-1] == round(arms["stage1"]["val_loss"], 5)
+        for arm in ("routed", "shuffled", "uniform", "oracle"):
+            # an interval of 2 clips per family need not contain the point estimate; only its order is fixed
+            assert arms[arm]["specialisation.ci_low"] <= arms[arm]["specialisation.ci_high"]
+            assert np.asarray(arms[arm]["expert_clip_losses"]).shape == (8, 4)  # held-out clips × experts
+    assert report["per_seed"][0]["routed"]["val_loss"] != report["per_seed"][1]["routed"]["val_loss"]  # seeds differ
     for arm in ("routed", "shuffled", "uniform", "oracle"):
-        # a percentile interval of 2 clips per family need not contain the point estimate; only its order is fixed
-        assert arms[arm]["specialisation.ci_low"] <= arms[arm]["specialisation.ci_high"]
-    assert set(report["verdict"]) >= {"routed_interval_below_zero", "routed_beats_vanilla", "routed_beats_uniform"}
+        assert report["arms"][arm]["ci_low"] <= report["arms"][arm]["ci_high"]
+    assert set(report["verdict"]) >= {"stage1_at_plateau", "routed_interval_below_zero", "routed_beats_vanilla",
+                                      "routed_beats_uniform", "per_checkpoint_shuffled_contains_zero"}  # fmt: skip
     assert "| routed |" in result.stdout

@@ -130,3 +130,32 @@ def test_bootstrap_interval_is_reproducible_and_covers_the_estimate():
     assert first == second
     score = spec.specialisation_score(spec.misrouting_matrix(per_clip, members))
     assert first[0] < score < first[1]
+
+
+def _runs_with_interactions(deltas: list[float], clips: int = 40, noise: float = 0.01) -> list[np.ndarray]:
+    """Per-clip losses ``[N, E]`` of several runs on the same clips; run r's own-expert advantage is ``deltas[r]``."""
+    rng = np.random.default_rng(1)
+    family = np.arange(clips) % 4
+    return [1.0 + rng.normal(0, noise, size=(clips, 4)) - delta * np.eye(4)[family] for delta in deltas]
+
+
+def test_seed_clip_interval_contains_zero_for_runs_whose_small_interactions_flip_sign():
+    """What shuffled labels produce: every run's own clip interval excludes 0 (a real, tiny interaction of that
+    checkpoint), but the sign is the run's accident, so the procedure's interval contains 0."""
+    runs = _runs_with_interactions([0.02, -0.02, 0.015, -0.01, 0.005], noise=0.002)
+    members = [np.arange(f, 40, 4) for f in range(4)]
+    for per_clip in runs:
+        low, high = spec.bootstrap_interval(per_clip, members)
+        assert high < 0 or low > 0
+    low, high = spec.seed_clip_interval(runs, members)
+    assert low < 0 < high
+
+
+def test_seed_clip_interval_excludes_zero_when_every_run_specialises():
+    runs = _runs_with_interactions([0.2, 0.15, 0.25])
+    members = [np.arange(f, 40, 4) for f in range(4)]
+    low, high = spec.seed_clip_interval(runs, members)
+    scores = [spec.specialisation_score(spec.misrouting_matrix(r, members)) for r in runs]
+    assert high < 0
+    assert min(scores) - 0.01 < low < np.mean(scores) < high < max(scores) + 0.01  # spans the runs' spread
+    assert spec.seed_clip_interval(runs, members) == (low, high)  # fixed seed: reproducible
