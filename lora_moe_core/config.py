@@ -19,6 +19,7 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES, NUM_FAMILIES
 from lora_moe_core.guards.files import read_regular_bytes
 from lora_moe_core.guards.parse import load_json, load_toml
+from lora_moe_core.guards.text import decode_utf8
 
 BLOCK_SELECTOR = re.compile(r"^(all|last_\d+|first_\d+|\d+-\d+)$")
 
@@ -264,8 +265,6 @@ def _format_error(error: ValidationError, source: str) -> str:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file (or the JSON a multi-GPU launch writes), turning every failure into a one-line error."""
-    from lora_moe_core.data.dataset import decode_utf8
-
     path = Path(path)
     text = decode_utf8(read_regular_bytes(path, "config file"), f"config {path}")
     data = load_json(text, str(path)) if path.suffix == ".json" else load_toml(text, str(path))

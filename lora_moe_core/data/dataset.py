@@ -20,7 +20,7 @@ from typing import Any
 
 from lora_moe_core.errors import UserError
 from lora_moe_core.guards.parse import load_json, load_toml
-from lora_moe_core.guards.text import MAX_TEXT_CHARS, check_text
+from lora_moe_core.guards.text import MAX_TEXT_CHARS, check_text, decode_utf8
 from lora_moe_core.storage.store import Storage, is_s3, parse_s3, resolve_under
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".webm", ".mkv")
@@ -126,16 +126,6 @@ def _resolve(root: str, relative: str, what: str) -> str:
     if not key.startswith(posixpath.join("/", prefix, "")):
         raise UserError(f"{what} {relative!r} escapes the dataset folder {root}")
     return f"s3://{bucket}{key}"
-
-
-def decode_utf8(data: bytes, what: str) -> str:
-    """``data`` as UTF-8 text (a leading BOM dropped); UserError naming ``what`` and the first bad byte."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise UserError(f"{what} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
-                        f"(line {line}); re-save it as UTF-8") from None  # fmt: skip
 
 
 def _read_text(storage: Storage, uri: str, what: str) -> str:

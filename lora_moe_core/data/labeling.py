@@ -6,11 +6,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lora_moe_core.data.dataset import Dataset, decode_utf8, jsonl_records
+from lora_moe_core.data.dataset import Dataset, jsonl_records
 from lora_moe_core.data.vocabulary import Vocabulary
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.guards.files import refuse_clobber
+from lora_moe_core.guards.text import decode_utf8
 from lora_moe_core.storage.store import Storage
 
 

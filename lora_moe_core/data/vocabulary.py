@@ -43,6 +43,7 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES, FAMILY_TABLE, IGNORED_TERMS, NUM_FAMILIES
 from lora_moe_core.guards.files import read_regular_bytes
 from lora_moe_core.guards.parse import load_toml
+from lora_moe_core.guards.text import decode_utf8
 
 if TYPE_CHECKING:
     import torch
@@ -142,8 +143,6 @@ class Vocabulary:
         if extra_toml_path is None:
             return vocab
         path = Path(extra_toml_path)
-        from lora_moe_core.data.dataset import decode_utf8
-
         text = decode_utf8(read_regular_bytes(path, "vocabulary file"), f"vocabulary file {path}")
         data = load_toml(text, f"malformed vocabulary file {path}")
         extra = set(data) - {"terms"}

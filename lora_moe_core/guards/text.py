@@ -1,5 +1,7 @@
 """Free text a user gives (captions, prompts, negative prompts): what a model may learn from or be conditioned on.
 
+Also: :func:`decode_utf8`, the one UTF-8 reading of text files (dataset lists, labels, configs, prompts).
+
 Refused: control characters but tab and line breaks (a NUL, a bell, an ANSI escape that recolours a terminal),
 bidirectional overrides and isolates (U+202A–U+202E, U+2066–U+2069: "Trojan Source" text that displays other
 than it reads), and lone surrogates (``"\\ud800"`` in JSON decodes to one; it cannot be written as UTF-8).
@@ -41,3 +43,13 @@ def check_text(text: str, where: str, what: str = "caption", limit: int = MAX_TE
     if problem:
         raise UserError(f"{where}: {what} {problem}; remove it")
     return text
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """``data`` as UTF-8 text (a leading BOM dropped); UserError naming ``what`` and the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{what} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                        f"(line {line}); re-save it as UTF-8") from None  # fmt: skip

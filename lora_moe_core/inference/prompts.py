@@ -14,6 +14,7 @@ from typing import Any
 from lora_moe_core.errors import UserError
 from lora_moe_core.guards.files import read_regular_bytes, refuse_clobber
 from lora_moe_core.guards.parse import load_json
+from lora_moe_core.guards.text import decode_utf8
 from lora_moe_core.storage.store import resolve_under
 
 #: Wan's own default negative prompt (Wan2.2 ``shared_config.py``); pass "" for none.
@@ -54,8 +55,6 @@ def read_prompts_file(path: str | Path, output_dir: str | Path, template: Job) -
     """Jobs of a ``.txt`` (a prompt a line; blank and ``#`` lines skipped) or ``.jsonl`` file (keys: see
     ``_JSONL_KEYS``; ``output_path`` relative to ``output_dir``; missing keys come from ``template``, the flags).
     Videos default to ``<output_dir>/<index>_<slug>.mp4``."""
-    from lora_moe_core.data.dataset import decode_utf8
-
     path = Path(path)
     lines = decode_utf8(read_regular_bytes(path, "prompts file"), f"prompts file {path}").splitlines()
     entries = []

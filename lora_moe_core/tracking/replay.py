@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_moe_core.data.dataset import decode_utf8
 from lora_moe_core.defaults import EXPERIMENT
 from lora_moe_core.errors import UserError
 from lora_moe_core.guards.files import read_regular_bytes
 from lora_moe_core.guards.parse import load_json
+from lora_moe_core.guards.text import decode_utf8
 from lora_moe_core.redaction import redact_url
 from lora_moe_core.tracking.mlflow_client import _REJECTED_CODES, _Rejected, _set_http_defaults, _short
 from lora_moe_core.tracking.tracker import MLflowTracker
