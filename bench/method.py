@@ -5,7 +5,7 @@
 
 Data (:mod:`lora_moe_core.data.synth_families`): synthetic surgical clips, one family each, with a large family-coloured
 marker whose colours come in opposed pairs, cached through ``lora-moe cache`` with the deterministic tiny encoder.
-Per seed, Stage 1 is trained on the pooled clips to a plateau (192 epochs; its held-out loss after every eighth of
+Per seed, Stage 1 is trained on the pooled clips to a plateau (512 epochs; its held-out loss after every eighth of
 its steps is recorded, and the verdict checks that the last quarter gains < 0.5%), then every arm continues from
 that same Stage-1 LoRA for the same number of optimizer steps:
 
@@ -46,7 +46,7 @@ from lora_moe_core.data.synth_families import generate_family_dataset, linear_pr
 from lora_moe_core.evaluation import specialisation as spec  # noqa: E402
 from lora_moe_core.families import FAMILIES  # noqa: E402
 
-FULL = {"train": 48, "heldout": 48, "stage1_epochs": 192, "stage2_epochs": 8, "seeds": [0, 1, 2, 3, 4]}
+FULL = {"train": 48, "heldout": 48, "stage1_epochs": 512, "stage2_epochs": 8, "seeds": [0, 1, 2, 3, 4]}
 SMOKE = {"train": 8, "heldout": 8, "stage1_epochs": 2, "stage2_epochs": 1, "seeds": [0, 1]}
 CLIP = {"width": 64, "height": 48, "num_frames": 9}
 STAGE2_ARMS = ("routed", "shuffled", "uniform")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few clips and steps: checks the script runs")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
-    parser.add_argument("--stage1_epochs", type=int, help="Stage-1 epochs before the arms branch off (default 24)")
+    parser.add_argument("--stage1_epochs", type=int, help="Stage-1 epochs before the arms branch off (default 512)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--work_dir", type=Path, help="keep clips, caches and checkpoints here (default: temporary)")

@@ -179,7 +179,9 @@ LEGEND = {
     "specialisation.score": "mean diagonal of the misrouting matrix after removing family (row) and expert (column) "
     "effects; negative: each family's own expert is better for it than the expert's overall quality predicts",
     "specialisation.ci_low / ci_high": "95% percentile-bootstrap interval of the score (clips resampled within each "
-    "family, fixed seed); specialisation is shown only when the whole interval is below 0",
+    "family, fixed seed) of this checkpoint; specialisation is shown only when the whole interval is below 0. Any "
+    "two trained experts differ a little, so scores near 0 can exclude 0 too: whether a training recipe makes "
+    "experts specialise is a question over seeds (bench/method.py)",
     "gates.learned.val_loss / gates.uniform.val_loss": "held-out loss of the same Stage-2 checkpoint with its "
     "learned (caption-routed) gates and with uniform gates (0.25 each)",
     "usage.<Family>": "mean gate of that expert over the held-out clips",
