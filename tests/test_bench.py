@@ -72,3 +72,39 @@ def test_method_benchmark_smoke_reports_every_arm(tmp_path):
     assert set(report["verdict"]) >= {"stage1_at_plateau", "routed_interval_below_zero", "routed_beats_vanilla",
                                       "routed_beats_uniform", "per_checkpoint_shuffled_contains_zero"}  # fmt: skip
     assert "| routed |" in result.stdout
+
+
+def _arm(deltas: list[float], seed_index: int, val_loss: float) -> dict:
+    """One seed's metrics of an arm whose own-expert advantage is ``deltas[seed_index]`` (40 clips, 4 families)."""
+    from lora_moe_core.evaluation import specialisation as spec
+    from lora_moe_core.families import FAMILIES
+
+    rng = np.random.default_rng(seed_index)
+    family = np.arange(40) % 4
+    per_clip = 4.0 + rng.normal(0, 0.002, size=(40, 4)) - deltas[seed_index] * np.eye(4)[family]
+    members = [np.flatnonzero(family == f) for f in range(4)]
+    metrics = spec.summarise({f"expert.{name}": per_clip[:, e] for e, name in enumerate(FAMILIES)}, members)
+    return {**metrics, "val_loss": val_loss, "expert_clip_losses": per_clip.tolist()}
+
+
+def test_method_verdict_reads_the_seed_interval_for_arms_and_counts_checkpoints():
+    """Shuffled-like arms (small interactions whose sign flips by seed) pass the null criterion on the seed ×
+    clip interval while failing it per checkpoint; a strongly routed arm passes; the 5% criterion is per seed."""
+    from bench import method_report
+
+    routed, shuffled, uniform = [0.3, 0.25, 0.28], [0.02, -0.02, 0.01], [0.0, 0.0, 0.0]
+    per_seed = [{"stage1": {"val_loss": 4.1, "last_quarter_improvement": 0.004},
+                 "routed": _arm(routed, s, 4.0), "shuffled": _arm(shuffled, s, 4.1), "uniform": _arm(uniform, s, 4.1),
+                 "oracle": _arm(routed, s, 3.9), "vanilla": {"val_loss": 4.05}} for s in range(3)]  # fmt: skip
+    members = [np.arange(f, 40, 4) for f in range(4)]
+    arms = method_report.arm_intervals(per_seed, members)
+    verdict = method_report.verdict(per_seed, arms)
+    assert verdict["routed_interval_below_zero"] and verdict["per_checkpoint_routed_below_zero"] == "3/3"
+    assert verdict["shuffled_interval_contains_zero"] and verdict["per_checkpoint_shuffled_contains_zero"] == "0/3"
+    assert verdict["uniform_interval_contains_zero"]
+    assert verdict["stage1_at_plateau"] and verdict["routed_beats_vanilla"] and verdict["routed_beats_uniform"]
+    # a 0.25 advantage on a loss of ~4 raises the wrong experts' loss by ~6-8%: every seed clears 5%
+    assert verdict["wrong_experts_raise_every_family_by_5pct"]
+    per_seed[1]["stage1"]["last_quarter_improvement"] = 0.006
+    assert not method_report.verdict(per_seed, arms)["stage1_at_plateau"]
+    assert "| routed |" in method_report.markdown({"per_seed": per_seed, "arms": arms})
