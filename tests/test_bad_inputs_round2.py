@@ -275,27 +275,57 @@ def _long_video(ok: bytes, path: Path, repeats: int) -> None:
     source.unlink()
 
 
+def _spy_decoder(monkeypatch, video) -> tuple[list, list]:
+    """Record each decode's state and the frames it served (the decoder's generator, wrapped)."""
+    states, served = [], []
+    original = video._target_frames
+
+    def spy(container, stream, ratio, max_frames, state):
+        states.append(state)
+        for frame in original(container, stream, ratio, max_frames, state):
+            served.append(frame.shape)
+            yield frame
+
+    monkeypatch.setattr(video, "_target_frames", spy)
+    return states, served
+
+
 def test_long_video_decodes_only_the_frames_its_clips_use(tmp_path, monkeypatch, capsys):
     from lora_moe_core.data import video
 
     _long_video((BAD / "ok.mp4").read_bytes(), tmp_path / "long.mp4", repeats=118)
     assert video.probe_video(tmp_path / "long.mp4").num_frames == 17 * 118  # 2006 frames in ~260 KB
     (tmp_path / "long.jsonl").write_text(json.dumps({"video_path": "long.mp4", "caption": CAPTION}) + "\n")
-    decoded = []
-    original = video._decode_picked
-    monkeypatch.setattr(video, "_decode_picked", lambda *a: decoded.append(original(*a)) or decoded[-1])
+    states, served = _spy_decoder(monkeypatch, video)
     assert main(_cache_argv(str(tmp_path / "long.jsonl"), str(tmp_path / "cache"))) == 0, capsys.readouterr().err
-    assert decoded[0].count <= 8 and len(decoded[0].kept) == 5  # the 5 frames of the clip, not 2006
-    assert decoded[0].packets == 2006  # the rest was demuxed (truncation check), never decoded
+    assert states[0].count <= 8 and len(served) == 5  # the 5 frames of the clip, not 2006
+    assert states[0].packets == 2006  # the rest was demuxed (truncation check), never decoded
 
 
-def test_long_video_in_chunk_mode_is_refused_before_decoding(tmp_path, capsys):
+def test_long_video_in_chunk_mode_streams_in_bounded_memory(tmp_path, monkeypatch, capsys):
+    """A recording whose decoded frames exceed MAX_DECODE_BYTES is cut in chunk mode anyway: frames stream from
+    the decoder into the encoder and memory holds one clip. The budget still refuses a clip too large to hold."""
     from lora_moe_core.data import video
 
-    _long_video((BAD / "ok.mp4").read_bytes(), tmp_path / "long.mp4", repeats=118)
+    _long_video((BAD / "ok.mp4").read_bytes(), tmp_path / "long.mp4", repeats=6)  # 102 frames of 64x48
+    (tmp_path / "long.jsonl").write_text(json.dumps({"video_path": "long.mp4", "caption": CAPTION}) + "\n")
+    (tmp_path / "dataset.toml").write_text(
+        '[general]\nresolution = [64, 48]\nframe_extraction = "chunk"\n'
+        'target_frames = [5]\n\n[[datasets]]\nvideo_jsonl_file = "long.jsonl"\n'
+    )
+    monkeypatch.setattr(video, "MAX_DECODE_BYTES", 20 * 64 * 48 * 3)  # 20 frames: the video's 102 would not fit
+    states, served = _spy_decoder(monkeypatch, video)
+    argv = ["cache", "--dataset", str(tmp_path / "dataset.toml"), "--task", "tiny", "--output", str(tmp_path / "c")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(served) == 102 and states[0].count == 102
+    files = sorted(path.name for path in (tmp_path / "c").glob("*_wan.safetensors"))
+    assert len(files) == 102 // 5 and files[0].startswith("long_00000-005_") and "_00095-005_" in files[-1]
     info = video.probe_video(tmp_path / "long.mp4")
-    with pytest.raises(Exception, match="would decode 2006 frames of 4096x2048"):
-        video.check_decode_budget(tmp_path / "long.mp4", info, None, (4096, 2048))
+    with pytest.raises(Exception, match="would decode 102 frames of 4096x2048"):
+        video.check_decode_budget(tmp_path / "long.mp4", info, None, (4096, 2048))  # all at once: refused
+    with pytest.raises(Exception, match="would decode 33 frames .* at once.*lower target_frames"):
+        video.check_decode_budget(tmp_path / "long.mp4", info, None, (4096, 2048), held=33)  # one clip: too big
+    assert video.check_decode_budget(tmp_path / "long.mp4", info, None, (64, 48), held=5) == 102
 
 
 def test_same_file_name_in_two_folders_gives_two_cache_entries(tmp_path, capsys):
@@ -318,3 +348,19 @@ def test_fp8_lora_converts_exactly(tmp_path, capsys):
     ((name, module),) = source.modules.items()
     assert torch.equal(module.delta_weight(), converted.modules[name].delta_weight())
     assert np.isfinite(module.down.numpy()).all()
+
+
+def test_truncated_video_in_chunk_mode_publishes_nothing(tmp_path, capsys):
+    """Streamed cutting learns of the damage only at the end of the stream, after clips were encoded: they stay
+    in staging, the video counts as failed, and the cache folder holds no file of it."""
+    shutil.copy(BAD / "truncated.mp4", tmp_path / "cut.mp4")
+    (tmp_path / "cut.jsonl").write_text(json.dumps({"video_path": "cut.mp4", "caption": CAPTION}) + "\n")
+    (tmp_path / "dataset.toml").write_text(
+        '[general]\nresolution = [64, 48]\nframe_extraction = "chunk"\n'
+        'target_frames = [5]\n\n[[datasets]]\nvideo_jsonl_file = "cut.jsonl"\n'
+    )
+    argv = ["cache", "--dataset", str(tmp_path / "dataset.toml"), "--task", "tiny", "--output", str(tmp_path / "c")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "truncated or damaged" in captured.out + captured.err
+    assert [path.name for path in (tmp_path / "c").iterdir()] == []  # no clip, no text file, no staging folder

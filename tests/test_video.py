@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from lora_moe_core.data.buckets import bucket_size, resize_and_crop
+from lora_moe_core.data.clips import extract_clips, iter_clips
 from lora_moe_core.data.video import (
     VideoInfo,
-    extract_clips,
     frames_to_tensor,
     probe_video,
     read_frames,
@@ -155,6 +155,38 @@ def test_full_rounds_down_to_4k_plus_1():
     assert spans(extract_clips(indexed(40), [], "full", max_frames=20)) == [(0, 17)]
     assert spans(extract_clips(indexed(200), [], "full")) == [(0, 129)]  # musubi's default max_frames
     assert extract_clips(indexed(0), [], "full") == []
+
+
+@pytest.mark.parametrize(
+    "mode, targets, options",
+    [("head", [17, 33, 45], {}), ("chunk", [9], {}), ("chunk", [5, 9], {}), ("slide", [17], {"frame_stride": 10}),
+     ("slide", [5, 9], {}), ("uniform", [17], {"frame_sample": 3}), ("uniform", [5, 13], {"frame_sample": 5})],
+)  # fmt: skip
+def test_streamed_clips_equal_the_in_memory_cut(mode, targets, options):
+    """iter_clips over a frame stream cuts exactly the clips extract_clips cuts from the whole array."""
+    whole = extract_clips(indexed(40), targets, mode, **options)
+    streamed = list(iter_clips(iter(indexed(40)), targets, mode, total=40, **options))
+    assert sorted(spans(streamed)) == sorted(spans(whole))
+    for start, clip in streamed:
+        np.testing.assert_array_equal(clip, indexed(40)[start : start + len(clip)])
+
+
+def test_streamed_cut_holds_one_clip_and_reports_a_short_video():
+    held = []
+
+    def frames():
+        for index, frame in enumerate(indexed(400)):
+            held.append(index)
+            yield frame
+
+    clips = iter_clips(frames(), [9], "chunk")
+    first_start, first = next(clips)
+    assert (first_start, len(first), len(held)) == (0, 9, 9)  # the first clip comes after 9 frames, not 400
+    assert len(list(clips)) == 400 // 9 - 1
+    with pytest.raises(UserError, match="16 frames at 16 fps: shorter than target_frames \\[17\\]"):
+        list(iter_clips(iter(indexed(16)), [17], "slide"))
+    with pytest.raises(UserError, match="cannot be streamed"):
+        list(iter_clips(iter(indexed(16)), [17], "full"))
 
 
 def test_short_video_gives_no_clips():

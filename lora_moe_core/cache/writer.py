@@ -25,7 +25,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from lora_moe_core.cache import roi
 from lora_moe_core.data import buckets, video
+from lora_moe_core.data.clips import STREAMED_MODES, extract_clips, iter_clips
 from lora_moe_core.data.dataset import ClipSource, Dataset, DatasetOptions
 from lora_moe_core.errors import UserError, disk_full_reason
 from lora_moe_core.families import FAMILIES
@@ -78,10 +79,35 @@ class _Clips:
 
     stem: str
     digest: str
-    pieces: list[tuple[int, np.ndarray]]  # (first frame, [F, H, W, 3] frames)
+    pieces: Iterable[tuple[int, np.ndarray]]  # (first frame, [F, H, W, 3] frames), decoded as they are taken
     boxes: list | None
     source_size: tuple[int, int]  # width, height of the video
     bucket: tuple[int, int]
+
+
+class CacheWriteError(UserError):
+    """Writing the cache failed (disk full, permissions): ends the run, unlike a bad video."""
+
+
+def _cut(local: str, info: video.VideoInfo, bucket: tuple[int, int], options: DatasetOptions, name: str):
+    """The clips of one video as ``(start, [F, H, W, 3])``, decoded and resized lazily (see ``_cache_video``)."""
+    mode = options.frame_extraction
+    # memory and time bounded before decoding: the frames held at once, within MAX_DECODE_BYTES
+    needed = video.frames_needed(mode, options.target_frames, options.max_frames)
+    held = max(options.target_frames, default=1) if mode in STREAMED_MODES else None
+    limit = video.check_decode_budget(name, info, needed, bucket, options.source_fps, held=held)
+    frames = video.iter_frames(local, video.DEFAULT_TARGET_FPS, options.source_fps,
+                               max_frames=limit if needed else None)  # fmt: skip
+    resized = (buckets.resize_and_crop(frame[None], bucket)[0] for frame in frames)
+    if mode in STREAMED_MODES:
+        total = video.target_frame_count(info, options.source_fps)
+        return iter_clips(resized, options.target_frames, mode, options.frame_stride, options.frame_sample, total)
+    frames = np.stack(list(resized))
+    pieces = extract_clips(frames, options.target_frames, mode, options.frame_stride, options.frame_sample,
+                           options.max_frames)  # fmt: skip
+    if not pieces:
+        raise UserError(f"{len(frames)} frames at 16 fps: shorter than target_frames {options.target_frames}")
+    return pieces
 
 
 @dataclass
@@ -131,12 +157,12 @@ def _label_vector(label: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return probs, multi_hot
 
 
-def _clip_rois(clip: ClipSource, frames_src: int, fps: float, options: DatasetOptions, source_size, bucket):
+def _clip_rois(clip: ClipSource, fps: float, options: DatasetOptions, source_size, bucket):
     """Per resampled frame, the tip boxes mapped into the bucket; None when the manifest has no ROI."""
     boxes = clip.fields.get("roi")
     if not boxes:
         return None
-    picks = video.resample_indices(len(boxes), options.source_fps or fps, video.DEFAULT_TARGET_FPS)[:frames_src]
+    picks = video.resample_indices(len(boxes), options.source_fps or fps, video.DEFAULT_TARGET_FPS)
     picked = [boxes[int(i)] for i in picks]
     picked = [frame if frame and isinstance(frame[0], list | tuple) else ([frame] if frame else []) for frame in picked]
     scale, _, offset = buckets.cover_transform(*source_size, bucket)
@@ -167,16 +193,18 @@ class LatentCacher:
         self._remove_stale_staging()
         for clip, label, stem in tqdm(pairs, desc="caching", unit="video", disable=None):
             try:
-                clips = self._decode(clip, label, dataset.options, stem)
-            except UserError as exc:  # a bad video; writing problems are not caught here: they end the run
+                written = self._cache_video(clip, label, dataset.options, stem, report)
+            except CacheWriteError:
+                raise  # the output is the problem, not this video: every further write would fail too
+            except UserError as exc:  # a bad video: skipped, nothing of it published
                 report.failed += 1
                 print(f"skipped {clip.video}: {exc}")
                 first_failure = first_failure or (str(exc) if clip.video in str(exc) else f"{clip.video}: {exc}")
                 continue
-            if clips is None:
+            if written is None:
                 report.skipped += 1
                 continue
-            report.clips += self._write_entry(clips, clip, label, report)
+            report.clips += written
             report.written += 1
         if pairs and report.failed / len(pairs) > self.settings.max_bad_fraction:
             limit = f"{self.settings.max_bad_fraction:.0%}"
@@ -199,14 +227,21 @@ class LatentCacher:
         return entry.get("content_hash") == digest and all(self.storage.exists(self.storage.join(self.output, f))
                                                            for f in files)  # fmt: skip
 
-    def _decode(self, clip: ClipSource, label: dict, options: DatasetOptions, stem: str) -> _Clips | None:
-        """Read and cut one video (None when its cached entry ``stem`` is current); UserError for a bad clip."""
+    def _cache_video(self, clip: ClipSource, label: dict, options: DatasetOptions, stem: str,
+                     report: CacheReport) -> int | None:  # fmt: skip
+        """Decode, cut, encode and publish one video; returns its clip count, None when its entry is current.
+
+        Frames stream from the decoder through resizing and cutting into the encoder, so memory holds one clip
+        (``full`` extraction: its at most ``max_frames``). UserError for a bad video, CacheWriteError for a
+        failed write.
+        """
         if not clip.caption:
             raise UserError(f"{clip.video}: empty caption, nothing to condition on (labelled with no family)")
         with self.storage.open_local(clip.video) as local:
             if not Path(local).is_file():
                 raise UserError(f"video path is not a file: {clip.video}")
-            video_hash = hashlib.sha256(Path(local).read_bytes()).hexdigest()
+            with open(local, "rb") as file:
+                video_hash = hashlib.file_digest(file, "sha256").hexdigest()  # in chunks: recordings can be GBs
             digest = content_hash(video_hash, clip.caption, {**label, "roi": clip.fields.get("roi")}, self.settings,
                                   options)  # fmt: skip
             if self._is_current(stem, digest):
@@ -214,36 +249,30 @@ class LatentCacher:
             info = video.probe_video(local)
             bucket = buckets.bucket_size(info.width, info.height, options.resolution,
                                          no_upscale=options.bucket_no_upscale)  # fmt: skip
-            # memory and time bounded before decoding: only the frames the clips use, within MAX_DECODE_BYTES
-            needed = video.frames_needed(options.frame_extraction, options.target_frames, options.max_frames)
-            limit = video.check_decode_budget(clip.video, info, needed, bucket, options.source_fps)
-            frames = video.read_frames(local, video.DEFAULT_TARGET_FPS, options.source_fps, max_frames=limit)
-        frames = buckets.resize_and_crop(frames, bucket)
-        boxes = _clip_rois(clip, len(frames), info.fps, options, (info.width, info.height), bucket)
-        pieces = video.extract_clips(frames, options.target_frames, options.frame_extraction, options.frame_stride,
-                                     options.frame_sample, options.max_frames)  # fmt: skip
-        if not pieces:
-            raise UserError(f"{len(frames)} frames at 16 fps: shorter than target_frames {options.target_frames}")
-        return _Clips(stem, digest, pieces, boxes, (info.width, info.height), bucket)
+            pieces = _cut(local, info, bucket, options, clip.video)
+            boxes = _clip_rois(clip, info.fps, options, (info.width, info.height), bucket)
+            clips = _Clips(stem, digest, pieces, boxes, (info.width, info.height), bucket)
+            return self._write_entry(clips, clip, label, report)
 
     def _write_entry(self, clips: _Clips, clip: ClipSource, label: dict, report: CacheReport) -> int:
-        """Encode and publish one video's files, marker last; returns the number of clips written."""
+        """Encode one video's pieces as they are cut, stage them, then publish the files, marker last; returns the
+        number of clips written. A bad video raises UserError before anything is published."""
         width, height = clips.source_size
-        files = [f"{clips.stem}_{start:05d}-{len(piece):03d}_{width:04d}x{height:04d}_wan.safetensors"
-                 for start, piece in clips.pieces]  # fmt: skip
         text_name, marker = f"{clips.stem}_wan_te.safetensors", f"{clips.stem}_lora_moe.json"
-        entry = {"content_hash": clips.digest, "video": clip.fields.get("video_path", clip.video),
-                 "caption": clip.caption, "families": label.get("families", []), "latent_files": files,
-                 "text_file": text_name}  # fmt: skip
+        files = []
         with self._staging() as staging:
             target: str | Path = staging
             try:
                 target = staging / text_name
                 self._write_text(target, clip.caption)
-                for name, (start, piece) in zip(files, clips.pieces, strict=True):
-                    target = staging / name
+                for start, piece in clips.pieces:
+                    files.append(f"{clips.stem}_{start:05d}-{len(piece):03d}_{width:04d}x{height:04d}_wan.safetensors")
+                    target = staging / files[-1]
                     piece_boxes = clips.boxes[start : start + len(piece)] if clips.boxes is not None else None
                     self._write_latents(target, piece, piece_boxes, label, clip, clips.bucket)
+                entry = {"content_hash": clips.digest, "video": clip.fields.get("video_path", clip.video),
+                         "caption": clip.caption, "families": label.get("families", []), "latent_files": files,
+                         "text_file": text_name}  # fmt: skip
                 target = staging / marker
                 target.write_bytes(json.dumps(entry, ensure_ascii=False).encode())
                 for name in (text_name, *files, marker):  # the text before any latent file, the marker last
@@ -307,10 +336,11 @@ def _write_error(exc: OSError | SafetensorError, target: str | Path, report: Cac
     """One line for a failed write: a full disk by name, with what to do; other errors as they are."""
     reason = disk_full_reason(exc)
     if reason is not None:
-        return UserError(f"{reason} while writing {target}; stopped after caching {report.written} videos this run "
-                         "(every entry on disk is whole): free space and rerun the same command to resume")  # fmt: skip
+        return CacheWriteError(f"{reason} while writing {target}; stopped after caching {report.written} videos "
+                               "this run (every entry on disk is whole): free space and rerun the same command to "
+                               "resume")  # fmt: skip
     if isinstance(exc, OSError):
-        return UserError(f"cannot write {getattr(exc, 'filename', None) or target}: {exc.strerror or exc}")
+        return CacheWriteError(f"cannot write {getattr(exc, 'filename', None) or target}: {exc.strerror or exc}")
     return exc
 
 

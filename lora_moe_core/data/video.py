@@ -29,13 +29,10 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-from lora_moe_core.data.dataset import EXTRACTION_MODES
 from lora_moe_core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-#: WAN's VAE compresses time by 4: a clip of 4k+1 frames gives k+1 latent frames.
-VAE_FRAME_STRIDE = 4
 DEFAULT_TARGET_FPS = 16.0
 
 # Float slack for "nearest frame" ties: k·ratio can land a few ulps off an exact .5.
@@ -49,9 +46,9 @@ MAX_FRAME_PIXELS = 8192 * 4320
 #: Plausible source frame rates. Outside them the header is wrong: resampling 17 frames "at 0.001 fps" to 16 fps
 #: would make 272,000 frames, and 10,000 fps would leave a 2-second clip a single frame.
 FPS_RANGE = (1.0, 1000.0)
-#: Most bytes one video may decode to (RGB frames at the larger of source and bucket size), checked from the
-#: container header before decoding: 81 frames at 1080p take 0.5 GiB; a 54 KB file of 2,000 tiny frames
-#: upscaled to 832x480 would take 2.4 GiB, and a 30-minute recording in ``chunk`` mode far more.
+#: Most bytes one video's frames may take in memory at once (RGB at the larger of source and bucket size), checked
+#: from the container header before decoding: 81 frames at 1080p take 0.5 GiB; ``full`` extraction of 2,000 tiny
+#: frames upscaled to 832x480 would take 2.4 GiB. Streamed modes hold one clip, so a recording of any length fits.
 MAX_DECODE_BYTES = 2 * 1024**3
 
 
@@ -153,9 +150,22 @@ def frames_needed(mode: str, target_frames: Sequence[int], max_frames: int | Non
     return None
 
 
+def target_frame_count(info: VideoInfo, source_fps: float | None = None) -> int | None:
+    """16 fps frames the header promises (None when it gives no frame rate or count)."""
+    fps = source_fps or info.fps
+    if fps <= 0 or info.num_frames <= 0:
+        return None
+    return max(1, math.ceil(info.num_frames * DEFAULT_TARGET_FPS / fps))
+
+
 def check_decode_budget(path: str | Path, info: VideoInfo, needed: int | None, bucket: tuple[int, int],
-                        source_fps: float | None = None) -> int | None:  # fmt: skip
-    """Refuse, from the header alone, a video whose decoded frames would exceed ``MAX_DECODE_BYTES``.
+                        source_fps: float | None = None, held: int | None = None) -> int | None:  # fmt: skip
+    """Refuse, from the header alone, a video whose frames held in memory at once would exceed ``MAX_DECODE_BYTES``.
+
+    Args:
+        needed: 16 fps frames read from the start (None: the whole video).
+        held: frames held in memory at once (None: every frame read). Streamed extraction (:func:`clips.iter_clips`)
+            holds one clip of the longest target, whatever the video's length.
 
     Returns:
         The number of 16 fps frames to decode (``needed``, or all of them when None): pass it to
@@ -164,17 +174,19 @@ def check_decode_budget(path: str | Path, info: VideoInfo, needed: int | None, b
     Raises:
         UserError: naming the file, the frame count and size, and what to change.
     """
-    fps = source_fps or info.fps
-    if fps <= 0 or info.num_frames <= 0:
+    total = target_frame_count(info, source_fps)
+    if total is None:
         return needed  # read_frames reports the missing frame rate or frames
-    total = max(1, math.ceil(info.num_frames * DEFAULT_TARGET_FPS / fps))
     count = min(total, needed) if needed else total
+    in_memory = min(count, held) if held else count
     pixels = max(info.width * info.height, bucket[0] * bucket[1])
-    size = count * pixels * 3
+    size = in_memory * pixels * 3
     if size > MAX_DECODE_BYTES:
-        raise UserError(f"video {path} would decode {count} frames of {bucket[0]}x{bucket[1]} ({size / 1024**3:.1f} "
-                        f"GiB), over the limit of {MAX_DECODE_BYTES / 1024**3:g} GiB: cut it into shorter videos, "
-                        "or use frame_extraction head/full with max_frames")  # fmt: skip
+        change = ("lower target_frames or the resolution" if held else
+                  "cut it into shorter videos, or use frame_extraction head/full with max_frames")  # fmt: skip
+        raise UserError(f"video {path} would decode {in_memory} frames of {bucket[0]}x{bucket[1]} "
+                        f"({size / 1024**3:.1f} GiB) at once, over the limit of {MAX_DECODE_BYTES / 1024**3:g} GiB: "
+                        f"{change}")  # fmt: skip
     return count
 
 
@@ -201,24 +213,22 @@ def _resampled_picks(num_source: int, ratio: float) -> np.ndarray:
 
 @dataclass
 class _Decoded:
-    kept: dict[int, np.ndarray]  # source index -> RGB frame, only the frames the target grid picks
-    last: np.ndarray | None  # the last decoded frame: targets past the end clamp to it
-    count: int  # frames decoded
-    bad_packets: int  # packets the decoder rejected, or 1 when demuxing broke off
-    stopped_early: bool  # max_frames reached before the end of the stream
+    count: int = 0  # frames decoded
+    bad_packets: int = 0  # packets the decoder rejected, or 1 when demuxing broke off
+    stopped_early: bool = False  # max_frames reached before the end of the stream
     packets: int = 0  # non-empty packets demuxed, including those after max_frames (read, never decoded)
 
 
-def _decode_picked(container, stream, ratio: float, max_frames: int | None) -> _Decoded:
-    """Decode the stream, converting to RGB only the frames the target grid picks.
+def _target_frames(container, stream, ratio: float, max_frames: int | None, state: _Decoded) -> Iterator[np.ndarray]:
+    """Decode the stream and yield the target grid's frames in order, converting to RGB only the picked ones.
 
-    Packets the decoder rejects are counted and skipped rather than raised, so the frames before a
-    truncation point survive for the caller's policy decision.
+    Memory is one decoded frame: a frame serving several targets (upsampling) is yielded once per target, and
+    targets past the last decoded frame repeat it. Packets the decoder rejects are counted in ``state`` and
+    skipped rather than raised, so the frames before a truncation point survive for the caller's policy.
     """
-    state = _Decoded({}, None, 0, 0, False)
-    next_target = 0  # first target frame not yet served
-    next_pick = 0  # the source frame it wants
-    last_frame = None
+    served = 0  # target frames yielded
+    next_pick = 0  # the source frame the next target wants
+    last_frame, last_rgb = None, None
     # one reformatter for the whole stream: it caches the swscale context, which to_ndarray rebuilds per frame
     to_rgb = VideoReformatter()
     try:
@@ -232,23 +242,28 @@ def _decode_picked(container, stream, ratio: float, max_frames: int | None) -> _
                 state.bad_packets += 1
                 continue
             for frame in frames:
-                index, last_frame = state.count, frame
+                index, last_frame, last_rgb = state.count, frame, None
                 state.count += 1
                 if index == next_pick:
-                    state.kept[index] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
-                    while next_pick <= index:  # one source frame may serve several targets (upsampling)
-                        next_target += 1
-                        next_pick = int(_nearest_source(next_target, ratio))
-                if max_frames is not None and next_target >= max_frames:
+                    last_rgb = to_rgb.reformat(frame, format="rgb24").to_ndarray()
+                    while next_pick <= index and (max_frames is None or served < max_frames):
+                        yield last_rgb  # one source frame may serve several targets (upsampling)
+                        served += 1
+                        next_pick = int(_nearest_source(served, ratio))
+                if max_frames is not None and served >= max_frames:
                     state.stopped_early = True
                     break
     except av.FFmpegError:
         state.bad_packets += 1  # the demuxer itself broke off (cut inside a packet header)
-    if last_frame is not None:
-        state.last = state.kept.get(state.count - 1)
-        if state.last is None:
-            state.last = to_rgb.reformat(last_frame, format="rgb24").to_ndarray()
-    return state
+    if last_frame is None or state.stopped_early:
+        return
+    targets = len(_resampled_picks(state.count, ratio))
+    if max_frames is not None:
+        targets = min(targets, max_frames)
+    if served < targets:  # targets whose nearest source frame lies past the end clamp to the last one
+        last_rgb = last_rgb if last_rgb is not None else to_rgb.reformat(last_frame, format="rgb24").to_ndarray()
+        for _ in range(targets - served):
+            yield last_rgb
 
 
 def _is_damaged(decoded: _Decoded, declared: int) -> bool:
@@ -283,6 +298,22 @@ def read_frames(
             ``MAX_FRAME_PIXELS``, has no decodable frame, has no fps or one outside ``FPS_RANGE``, or is
             truncated/damaged beyond the ``min_frames`` policy.
     """
+    return np.stack(list(iter_frames(path, target_fps, source_fps, max_frames=max_frames, min_frames=min_frames)))
+
+
+def iter_frames(
+    path: str | Path,
+    target_fps: float | None = DEFAULT_TARGET_FPS,
+    source_fps: float | None = None,
+    *,
+    max_frames: int | None = None,
+    min_frames: int | None = None,
+) -> Iterator[np.ndarray]:
+    """:func:`read_frames` one ``[H, W, 3]`` frame at a time: memory stays one frame whatever the video's length.
+
+    The truncation/damage policy can only be judged at the end of the stream, so its UserError comes after the
+    last frame (a consumer must not publish anything before the iterator is exhausted).
+    """
     if target_fps is not None and target_fps <= 0:
         raise UserError(f"target_fps must be positive, got {target_fps}")
     if source_fps is not None and source_fps <= 0:
@@ -290,6 +321,8 @@ def read_frames(
     for name, value in (("max_frames", max_frames), ("min_frames", min_frames)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be a positive integer, got {value}")
+    decoded = _Decoded()
+    served = 0
     with _open_video(path) as (container, stream):
         stream.thread_type = "AUTO"  # frame + slice threads: decoding dominates the cost
         fps = source_fps or _stream_fps(stream)
@@ -299,13 +332,13 @@ def read_frames(
             _check_fps(path, fps, given=source_fps is not None)
         ratio = 1.0 if target_fps is None else fps / target_fps
         declared = int(stream.frames or 0)
-        decoded = _decode_picked(container, stream, ratio, max_frames)
+        for frame in _target_frames(container, stream, ratio, max_frames, decoded):
+            served += 1
+            yield frame
     if decoded.count == 0:
         raise UserError(f"video {path} has no decodable frames (0 frames, or the file is truncated or damaged)")
-    picks = _resampled_picks(decoded.count, ratio)[:max_frames]
     if _is_damaged(decoded, declared):
-        _apply_damage_policy(path, decoded, declared, len(picks), min_frames)
-    return np.stack([decoded.kept.get(int(i), decoded.last) for i in picks])
+        _apply_damage_policy(path, decoded, declared, served, min_frames)
 
 
 def _apply_damage_policy(path, decoded: _Decoded, declared: int, usable: int, min_frames: int | None) -> None:
@@ -316,74 +349,6 @@ def _apply_damage_policy(path, decoded: _Decoded, declared: int, usable: int, mi
         need = "" if min_frames is None else f"; need at least {min_frames} frames, have {usable}"
         raise UserError(f"video {path} is truncated or damaged ({what}{need}); re-encode or re-download it")
     logger.warning("video %s is truncated or damaged (%s); using the %d decodable frames", path, what, usable)
-
-
-def _check_frame_counts(target_frames: Sequence[int]) -> list[int]:
-    counts = [int(n) for n in target_frames]
-    bad = [n for n in counts if n < 1 or (n - 1) % VAE_FRAME_STRIDE]
-    if bad:
-        raise UserError(f"target_frames must be 4k+1 (1, 5, 9, ..., 81), got {bad}")
-    return counts
-
-
-def _positive(name: str, value: int | None, default: int) -> int:
-    value = default if value is None else int(value)
-    if value < 1:
-        raise UserError(f"{name} must be a positive integer, got {value}")
-    return value
-
-
-def _clip_starts(total: int, length: int, mode: str, stride: int, samples: int) -> list[int]:
-    """Start indices of the ``length``-frame clips of a ``total``-frame video under ``mode``."""
-    if total < length:
-        return []
-    if mode == "head":
-        return [0]
-    if mode == "chunk":
-        return list(range(0, total - length + 1, length))
-    if mode == "slide":
-        return list(range(0, total - length + 1, stride))
-    # uniform: musubi's linspace truncated to int; repeated starts would only duplicate a cache file
-    return [int(i) for i in np.unique(np.linspace(0, total - length, samples, dtype=int))]
-
-
-def extract_clips(
-    frames: np.ndarray,
-    target_frames: Sequence[int],
-    mode: str = "head",
-    frame_stride: int | None = None,
-    frame_sample: int | None = None,
-    max_frames: int | None = None,
-) -> list[tuple[int, np.ndarray]]:
-    """Cut a video into training clips as musubi's ``frame_extraction`` does; returns ``(start, clip)``.
-
-    - ``head``: the first N frames, for each N in ``target_frames``;
-    - ``chunk``: consecutive non-overlapping N-frame pieces;
-    - ``slide``: N-frame windows every ``frame_stride`` frames (default 1);
-    - ``uniform``: ``frame_sample`` windows (default 1) spread evenly over the video;
-    - ``full``: one clip of all frames, at most ``max_frames`` (default 129), rounded down to 4k+1;
-      ``target_frames`` is not used.
-
-    A video shorter than a target gives no clip for it; the caller reports videos that give none.
-    Clips are views into ``frames``.
-    """
-    if mode not in EXTRACTION_MODES:
-        raise UserError(f"frame_extraction must be one of {', '.join(EXTRACTION_MODES)}, got {mode!r}")
-    total = len(frames)
-    if mode == "full":
-        limit = min(total, _positive("max_frames", max_frames, 129))
-        length = (limit - 1) // VAE_FRAME_STRIDE * VAE_FRAME_STRIDE + 1
-        return [(0, frames[:length])] if limit >= 1 else []
-    counts = _check_frame_counts(target_frames)
-    if not counts:
-        raise UserError(f"target_frames is empty: frame_extraction={mode!r} needs at least one clip length")
-    stride = _positive("frame_stride", frame_stride, 1)
-    samples = _positive("frame_sample", frame_sample, 1)
-    return [
-        (start, frames[start : start + length])
-        for length in counts
-        for start in _clip_starts(total, length, mode, stride, samples)
-    ]
 
 
 def frames_to_tensor(clip: np.ndarray) -> torch.Tensor:
