@@ -131,7 +131,7 @@ def run_seeds(sizes: dict, work: Path, workers: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few clips and steps: checks the script runs")
-    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2 3 4)")
     parser.add_argument("--stage1_epochs", type=int, help="Stage-1 epochs before the arms branch off (default 512)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
