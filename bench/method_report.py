@@ -44,13 +44,15 @@ def verdict(per_seed: list[dict], arms: dict[str, dict[str, float]]) -> dict[str
     def contains_zero(low: float, high: float) -> bool:
         return low <= 0 <= high
 
+    def below(low: float, high: float) -> bool:
+        return high < 0
+
     def per_checkpoint(arm: str, test) -> str:
         held = sum(test(s[arm]["specialisation.ci_low"], s[arm]["specialisation.ci_high"]) for s in per_seed)
         return f"{held}/{len(per_seed)}"
 
     wrong = [_min_wrong(seed["routed"]) for seed in per_seed]
     oracle_wrong = [_min_wrong(seed["oracle"]) for seed in per_seed]
-    below = lambda low, high: high < 0  # noqa: E731
     return {
         "stage1_at_plateau": every(lambda s: s["stage1"]["last_quarter_improvement"] < PLATEAU),
         "routed_interval_below_zero": below(arms["routed"]["ci_low"], arms["routed"]["ci_high"]),

@@ -36,18 +36,32 @@ def _positive(name: str, value: int | None, default: int) -> int:
     return value
 
 
+def _cut_arguments(target_frames: Sequence[int], mode: str, frame_stride: int | None,
+                   frame_sample: int | None) -> tuple[list[int], int, int]:  # fmt: skip
+    """Validated (clip lengths, stride, samples) of every mode but ``full``."""
+    counts = _check_frame_counts(target_frames)
+    if not counts:
+        raise UserError(f"target_frames is empty: frame_extraction={mode!r} needs at least one clip length")
+    return counts, _positive("frame_stride", frame_stride, 1), _positive("frame_sample", frame_sample, 1)
+
+
+def _starts_here(start: int, length: int, mode: str, stride: int) -> bool:
+    """Whether ``head``, ``chunk`` or ``slide`` starts a ``length``-frame clip at frame ``start`` (``uniform``
+    needs the video's length: :func:`_clip_starts`)."""
+    if mode == "head":
+        return start == 0
+    if mode == "chunk":
+        return start % length == 0
+    return start % stride == 0  # slide
+
+
 def _clip_starts(total: int, length: int, mode: str, stride: int, samples: int) -> list[int]:
     """Start indices of the ``length``-frame clips of a ``total``-frame video under ``mode``."""
     if total < length:
         return []
-    if mode == "head":
-        return [0]
-    if mode == "chunk":
-        return list(range(0, total - length + 1, length))
-    if mode == "slide":
-        return list(range(0, total - length + 1, stride))
-    # uniform: musubi's linspace truncated to int; repeated starts would only duplicate a cache file
-    return [int(i) for i in np.unique(np.linspace(0, total - length, samples, dtype=int))]
+    if mode == "uniform":  # musubi's linspace truncated to int; repeated starts would only duplicate a cache file
+        return [int(i) for i in np.unique(np.linspace(0, total - length, samples, dtype=int))]
+    return [start for start in range(total - length + 1) if _starts_here(start, length, mode, stride)]
 
 
 def iter_clips(
@@ -67,11 +81,7 @@ def iter_clips(
     """
     if mode not in STREAMED_MODES:
         raise UserError(f"frame_extraction {mode!r} cannot be streamed; use one of {', '.join(STREAMED_MODES)}")
-    counts = _check_frame_counts(target_frames)
-    if not counts:
-        raise UserError(f"target_frames is empty: frame_extraction={mode!r} needs at least one clip length")
-    stride = _positive("frame_stride", frame_stride, 1)
-    samples = _positive("frame_sample", frame_sample, 1)
+    counts, stride, samples = _cut_arguments(target_frames, mode, frame_stride, frame_sample)
     wanted = {}  # length -> the starts uniform wants
     if mode == "uniform":
         if total is None:
@@ -86,15 +96,7 @@ def iter_clips(
             start = index - length + 1
             if start < 0:
                 continue
-            if mode == "head":
-                keep = start == 0
-            elif mode == "chunk":
-                keep = start % length == 0
-            elif mode == "slide":
-                keep = start % stride == 0
-            else:
-                keep = start in wanted[length]
-            if keep:
+            if start in wanted[length] if mode == "uniform" else _starts_here(start, length, mode, stride):
                 made += 1
                 yield start, np.stack(list(window)[len(window) - length :])  # [length, H, W, 3]
     if not made:
@@ -128,11 +130,7 @@ def extract_clips(
         limit = min(total, _positive("max_frames", max_frames, 129))
         length = (limit - 1) // VAE_FRAME_STRIDE * VAE_FRAME_STRIDE + 1
         return [(0, frames[:length])] if limit >= 1 else []
-    counts = _check_frame_counts(target_frames)
-    if not counts:
-        raise UserError(f"target_frames is empty: frame_extraction={mode!r} needs at least one clip length")
-    stride = _positive("frame_stride", frame_stride, 1)
-    samples = _positive("frame_sample", frame_sample, 1)
+    counts, stride, samples = _cut_arguments(target_frames, mode, frame_stride, frame_sample)
     return [
         (start, frames[start : start + length])
         for length in counts

@@ -217,6 +217,7 @@ class _Decoded:
     bad_packets: int = 0  # packets the decoder rejected, or 1 when demuxing broke off
     stopped_early: bool = False  # max_frames reached before the end of the stream
     packets: int = 0  # non-empty packets demuxed, including those after max_frames (read, never decoded)
+    served: int = 0  # target frames yielded
 
 
 def _target_frames(container, stream, ratio: float, max_frames: int | None, state: _Decoded) -> Iterator[np.ndarray]:
@@ -226,7 +227,6 @@ def _target_frames(container, stream, ratio: float, max_frames: int | None, stat
     targets past the last decoded frame repeat it. Packets the decoder rejects are counted in ``state`` and
     skipped rather than raised, so the frames before a truncation point survive for the caller's policy.
     """
-    served = 0  # target frames yielded
     next_pick = 0  # the source frame the next target wants
     last_frame, last_rgb = None, None
     # one reformatter for the whole stream: it caches the swscale context, which to_ndarray rebuilds per frame
@@ -246,11 +246,11 @@ def _target_frames(container, stream, ratio: float, max_frames: int | None, stat
                 state.count += 1
                 if index == next_pick:
                     last_rgb = to_rgb.reformat(frame, format="rgb24").to_ndarray()
-                    while next_pick <= index and (max_frames is None or served < max_frames):
+                    while next_pick <= index and (max_frames is None or state.served < max_frames):
                         yield last_rgb  # one source frame may serve several targets (upsampling)
-                        served += 1
-                        next_pick = int(_nearest_source(served, ratio))
-                if max_frames is not None and served >= max_frames:
+                        state.served += 1
+                        next_pick = int(_nearest_source(state.served, ratio))
+                if max_frames is not None and state.served >= max_frames:
                     state.stopped_early = True
                     break
     except av.FFmpegError:
@@ -260,10 +260,11 @@ def _target_frames(container, stream, ratio: float, max_frames: int | None, stat
     targets = len(_resampled_picks(state.count, ratio))
     if max_frames is not None:
         targets = min(targets, max_frames)
-    if served < targets:  # targets whose nearest source frame lies past the end clamp to the last one
+    if state.served < targets:  # targets whose nearest source frame lies past the end clamp to the last one
         last_rgb = last_rgb if last_rgb is not None else to_rgb.reformat(last_frame, format="rgb24").to_ndarray()
-        for _ in range(targets - served):
+        while state.served < targets:
             yield last_rgb
+            state.served += 1
 
 
 def _is_damaged(decoded: _Decoded, declared: int) -> bool:
@@ -322,7 +323,6 @@ def iter_frames(
         if value is not None and value < 1:
             raise UserError(f"{name} must be a positive integer, got {value}")
     decoded = _Decoded()
-    served = 0
     with _open_video(path) as (container, stream):
         stream.thread_type = "AUTO"  # frame + slice threads: decoding dominates the cost
         fps = source_fps or _stream_fps(stream)
@@ -332,13 +332,11 @@ def iter_frames(
             _check_fps(path, fps, given=source_fps is not None)
         ratio = 1.0 if target_fps is None else fps / target_fps
         declared = int(stream.frames or 0)
-        for frame in _target_frames(container, stream, ratio, max_frames, decoded):
-            served += 1
-            yield frame
+        yield from _target_frames(container, stream, ratio, max_frames, decoded)
     if decoded.count == 0:
         raise UserError(f"video {path} has no decodable frames (0 frames, or the file is truncated or damaged)")
     if _is_damaged(decoded, declared):
-        _apply_damage_policy(path, decoded, declared, served, min_frames)
+        _apply_damage_policy(path, decoded, declared, decoded.served, min_frames)
 
 
 def _apply_damage_policy(path, decoded: _Decoded, declared: int, usable: int, min_frames: int | None) -> None:

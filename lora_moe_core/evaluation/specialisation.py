@@ -127,8 +127,16 @@ def bootstrap_interval(
     rng = np.random.default_rng(seed)
     scores = np.empty(samples)
     for draw in range(samples):
-        resampled = [index[rng.integers(len(index), size=len(index))] if len(index) else index for index in members]
-        scores[draw] = specialisation_score(misrouting_matrix(per_clip, resampled))
+        scores[draw] = specialisation_score(misrouting_matrix(per_clip, _resample_within(members, rng)))
+    return _percentile_interval(scores, level)
+
+
+def _resample_within(members: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Each family's clip indices drawn with replacement (empty families stay empty)."""
+    return [index[rng.integers(len(index), size=len(index))] if len(index) else index for index in members]
+
+
+def _percentile_interval(scores: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1 - level) / 2 * 100
     low, high = np.nanpercentile(scores, [tail, 100 - tail])
     return float(low), float(high)
@@ -151,11 +159,9 @@ def seed_clip_interval(
     scores = np.empty(samples)
     for draw in range(samples):
         runs = rng.integers(len(per_clip_runs), size=len(per_clip_runs))
-        resampled = [index[rng.integers(len(index), size=len(index))] if len(index) else index for index in members]
+        resampled = _resample_within(members, rng)
         scores[draw] = np.mean([specialisation_score(misrouting_matrix(per_clip_runs[r], resampled)) for r in runs])
-    tail = (1 - level) / 2 * 100
-    low, high = np.nanpercentile(scores, [tail, 100 - tail])
-    return float(low), float(high)
+    return _percentile_interval(scores, level)
 
 
 def wrong_expert_increase(matrix: np.ndarray) -> np.ndarray:
