@@ -114,6 +114,22 @@ def test_system_metrics_ride_on_the_training_steps(monkeypatch: pytest.MonkeyPat
     assert second == ({"loss": 0.4}, 2) and recorder.closed == "FINISHED" and tracker._stop.is_set()
 
 
+def test_system_metrics_on_a_node_booted_seconds_ago(monkeypatch: pytest.MonkeyPatch) -> None:
+    """time.monotonic() counts from boot: on a node up for 2 s the first step still carries system metrics,
+    the next within interval_s carries none, and the one past interval_s carries them again."""
+    clock = iter([2.0, 3.0, 40.0])
+    monkeypatch.setattr("lora_moe_core.tracking.system.time.monotonic", lambda: next(clock))
+    recorder = _Recorder()
+    tracker = SystemMetricsTracker(recorder, interval_s=30, sample_s=3600)
+    for step in (1, 2, 3):
+        tracker._collect()  # one sample before each step (the thread samples every sample_s)
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    tracker.close("FINISHED")
+    carried = [any(key.startswith("system/") for key in metrics) for metrics, _ in recorder.calls]
+    assert carried == [True, False, True]
+    assert recorder.calls[0][0]["system/process_memory_rss_megabytes"] > 0
+
+
 def test_evaluation_report_goes_to_the_parent_run(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # removed again by _clean_env

@@ -65,7 +65,9 @@ class SystemMetricsTracker:
         self._samples: dict[str, list[float]] = defaultdict(list)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._last_logged = 0.0  # monotonic time of the last system metrics logged; 0: log with the first step
+        # monotonic time of the last system metrics logged; None: never, so the first step carries them whatever
+        # the clock reads (time.monotonic() counts from boot: a node up for less than interval_s reads below it)
+        self._last_logged: float | None = None
         self._collect()
         self._thread = threading.Thread(target=self._run, name="lora-moe-system-metrics", daemon=True)
         self._thread.start()
@@ -96,7 +98,7 @@ class SystemMetricsTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """The training metrics, plus the system metrics when ``interval_s`` has passed since they were last sent."""
         now = time.monotonic()
-        if now - self._last_logged >= self.interval_s:
+        if self._last_logged is None or now - self._last_logged >= self.interval_s:
             self._last_logged = now
             metrics = {**metrics, **self.take()}
         self.tracker.log_metrics(metrics, step)
