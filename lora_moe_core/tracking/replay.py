@@ -7,12 +7,19 @@ run they were logged for, or to a new run made from the tracker's header line (e
 the server was down from the start. It then appends a ``replayed`` line, so a second replay sends nothing.
 Metrics keep their original step and timestamp (MLflow drops exact duplicates), so a call that did reach the
 server just before an outage and is sent again does not show twice.
+
+A fallback file is input like any other, and a tampered one must not exfiltrate or plant files: the replay sends
+only to the tracking URI the user passes or ``MLFLOW_TRACKING_URI`` names (else the run folder's own
+``mlruns.db``, where a run without a URI logs), never to the one a header line claims, and uploads only files that
+lie inside the folder holding the fallback file (paths resolved, symlinks inside artifact folders included). The
+whole file is checked before anything is sent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,13 @@ from lora_moe_core.guards.files import read_regular_bytes
 from lora_moe_core.guards.parse import load_json
 from lora_moe_core.guards.text import decode_utf8
 from lora_moe_core.redaction import redact_url
-from lora_moe_core.tracking.mlflow_client import _REJECTED_CODES, _Rejected, _set_http_defaults, _short
+from lora_moe_core.tracking.mlflow_client import (
+    _REJECTED_CODES,
+    _Rejected,
+    _set_http_defaults,
+    _short,
+    resolve_tracking_uri,
+)
 from lora_moe_core.tracking.tracker import MLflowTracker
 
 log = logging.getLogger(__name__)
@@ -81,7 +94,71 @@ def _line_problem(line: Any) -> str | None:
         return "'metrics' line without integer 'step' and 'timestamp'"
     if kind in SENDABLE and not isinstance(line.get("run_name"), str):
         return f"'{kind}' line without a 'run_name'"
+    if kind == "artifact" and not isinstance(line.get("path"), str):
+        return "'artifact' line without a 'path' string"
+    if kind == "artifact" and not _relative_artifact_path(line.get("artifact_path")):
+        return "'artifact' line whose 'artifact_path' is not a relative folder name"
     return None
+
+
+def _relative_artifact_path(value: Any) -> bool:
+    """None, or a relative path that stays inside the run's artifact root (no ``..``, no absolute path)."""
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    return not value.startswith(("/", "\\")) and ".." not in value.replace("\\", "/").split("/")
+
+
+def _escaping_file(artifact: Path, root: Path) -> Path | None:
+    """The first file or folder under ``artifact`` (itself included) whose resolved path leaves ``root``."""
+    resolved = artifact.resolve()
+    if not resolved.is_relative_to(root):
+        return artifact
+    if not resolved.is_dir():
+        return None
+    seen = {resolved}
+    # followlinks: MLflow's local artifact store copies folders with copytree, which follows links inside them
+    for folder, dirs, files in os.walk(resolved, followlinks=True):
+        for name in [*dirs, *files]:
+            entry = Path(folder, name)
+            target = entry.resolve()
+            if not target.is_relative_to(root):
+                return entry
+            if name in dirs and target in seen:
+                dirs.remove(name)  # a link loop: walked once
+            seen.add(target)
+    return None
+
+
+def _refuse_foreign_artifacts(path: Path, calls: list[dict[str, Any]]) -> None:
+    """Refuse a replay whose artifact lines name files outside the run folder that wrote ``path``."""
+    root = path.resolve().parent
+    for call in calls:
+        if call["kind"] != "artifact":
+            continue
+        escaping = _escaping_file(Path(call["path"]), root)
+        if escaping is not None:
+            raise UserError(f"{path}: artifact {escaping} (seq {call['seq']}) lies outside the run folder {root}; "
+                            "sync-tracking uploads only the run's own files")  # fmt: skip
+
+
+def replay_uri(path: Path, tracking_uri: str | None, lines: list[dict[str, Any]]) -> str:
+    """Where a replay sends: ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the run folder's own sqlite
+    store. A header naming any other place is refused, not followed: the file could have been edited.
+
+    Raises:
+        UserError: no URI given and the file was logged for another tracking store.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    default = resolve_tracking_uri(None, path.resolve().parent)
+    recorded = sorted({line.get("tracking_uri") for line in lines if line["kind"] == "run"} - {None, default}, key=str)
+    if recorded:
+        raise UserError(f"{path} was logged for MLflow at {redact_url(str(recorded[0]))}; sync-tracking sends only "
+                        "where you say: pass --tracking_uri or set MLFLOW_TRACKING_URI")  # fmt: skip
+    return default
 
 
 def _unsent(lines: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None, list[dict[str, Any]]]:
@@ -98,29 +175,29 @@ def replay_fallback(path: str | Path, tracking_uri: str | None = None) -> list[R
 
     Args:
         path: the ``tracking_fallback.jsonl`` a run left.
-        tracking_uri: where to send (default: the URI each tracker was logging to).
+        tracking_uri: where to send (default: ``MLFLOW_TRACKING_URI``, else the run folder's ``mlruns.db``;
+            see :func:`replay_uri`).
 
     Raises:
-        UserError: the file cannot be read, or the server is still unreachable (what was sent is recorded).
+        UserError: the file cannot be read, names files outside its run folder or another tracking store, or the
+            server is still unreachable (what was sent is recorded).
     """
     path = Path(path)
+    lines = _read_lines(path)
+    uri = replay_uri(path, tracking_uri, lines)
     by_tracker: dict[str, list[dict[str, Any]]] = {}
-    for line in _read_lines(path):
+    for line in lines:
         by_tracker.setdefault(line["tracker"], []).append(line)
+    pending = [(tracker_id, *_unsent(tracker_lines)) for tracker_id, tracker_lines in by_tracker.items()]
+    for *_, calls in pending:
+        _refuse_foreign_artifacts(path, calls)
     _set_http_defaults()
-    reports = []
-    for tracker_id, lines in by_tracker.items():
-        header, run_id, calls = _unsent(lines)
-        if calls:
-            reports.append(_replay_tracker(path, tracker_id, header, run_id, calls, tracking_uri))
-    return reports
+    return [_replay_tracker(path, tracker_id, header, run_id, calls, uri)
+            for tracker_id, header, run_id, calls in pending if calls]  # fmt: skip
 
 
 def _replay_tracker(path: Path, tracker_id: str, header: dict[str, Any], run_id: str | None,
-                    calls: list[dict[str, Any]], tracking_uri: str | None) -> ReplayedRun:  # fmt: skip
-    uri = tracking_uri or header.get("tracking_uri") or calls[0].get("tracking_uri")
-    if not uri:
-        raise UserError(f"{path}: no tracking URI recorded for tracker {tracker_id}; pass --tracking_uri")
+                    calls: list[dict[str, Any]], uri: str) -> ReplayedRun:  # fmt: skip
     tracker = MLflowTracker(uri, header.get("run_name") or calls[0]["run_name"], header.get("experiment", EXPERIMENT),
                             header.get("tags"), fallback_path=path, run_id=run_id)  # fmt: skip
     tracker.tracker_id, sent = tracker_id, None
