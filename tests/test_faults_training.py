@@ -162,7 +162,7 @@ for step in range(1, 10_000):
         weight.fill_(step)
     checkpoint = out / f"lora_moe_step_{step}.safetensors"
     write_safetensors({"weight": weight}, checkpoint, {"step": str(step)})
-    state.save_step(out, step, checkpoint, optimizer, {"step": step})
+    state.save_step(out, step, checkpoint, optimizer, {"step": step, "epoch": 0, "micro_step": step})
     for old in (f"training_state_step_{step - 3}.json", f"lora_moe_step_{step - 3}.safetensors",
                 f"optimizer_step_{step - 3}.safetensors"):
         (out / old).unlink(missing_ok=True)

@@ -69,6 +69,7 @@ class LoopState:
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> LoopState:
+        """The loop's counters and statistics of a marker that ``state.read_state`` checked."""
         stopping = EarlyStopping(**payload.get("early_stopping", {}))
         stats = EpochStats.from_state(payload["epoch_stats"]) if "epoch_stats" in payload else EpochStats()
         return cls(payload["step"], payload["epoch"], payload["micro_step"], stopping, payload.get("history", []),
@@ -107,9 +108,10 @@ class TrainingLoop:
     def resume(self, marker: Path) -> None:
         """Continue from a complete save (weights, optimizer moments, counters, early-stopping history)."""
         payload = run_state.read_state(marker)
+        state = LoopState.from_json(payload)
         self.recipe.load(marker.parent / payload["checkpoint"])
         run_state.load_optimizer(self.optimizer, marker.parent / payload["optimizer"])
-        self.state = LoopState.from_json(payload)
+        self.state = state
         per_rank = payload.get("epoch_stats_per_rank", [])
         if len(per_rank) == self.world_size:  # this rank's share of the interrupted epoch
             self.state.stats = EpochStats.from_state(per_rank[self.rank])

@@ -113,6 +113,11 @@ class Stage1Recipe:
 
     def load(self, path: Path) -> None:
         modules = read_lora(path).modules
+        for name, weights in modules.items():  # all checked before any weight is copied
+            lora = self.network.loras.get(module_key(name))
+            if lora is None or (weights.down.shape, weights.up.shape) != (lora.lora_A.shape, lora.lora_B.shape):
+                raise UserError(f"{path}: module {name} does not match this run's Stage-1 LoRA (another config, "
+                                "stage or model)")  # fmt: skip
         with torch.no_grad():
             for name, weights in modules.items():
                 lora = self.network.loras[module_key(name)]

@@ -73,6 +73,14 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     if accelerator.num_processes > 1:
         recipe.gather = accelerator.gather  # gate statistics over every rank's samples
     output_dir = Path(training.output_dir)
+    loop = TrainingLoop(config, recipe, entries, output_dir, NullTracker(), device, accelerator.process_index,
+                        accelerator.num_processes)  # fmt: skip
+    if training.resume:  # the whole saved state is checked and loaded before anything is written or tracked
+        marker = run_state.find_resume(output_dir, training.resume)
+        if marker is not None:
+            loop.resume(marker)
+        else:
+            print(f"--resume {training.resume}: no earlier save in {output_dir}, starting fresh")
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process and (removed := run_state.remove_partial_files(output_dir)):
         print(f"removed {removed} partial file(s) that an interrupted save left in {output_dir}")
@@ -85,14 +93,7 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
         if not isinstance(tracker, NullTracker):  # CPU/GPU/memory in the run's System metrics tab
             tracker = SystemMetricsTracker(tracker)
         tracker.log_dataset(cache_dataset_ref(training.cache, entries, "training"))
-    loop = TrainingLoop(config, recipe, entries, output_dir, tracker, device, accelerator.process_index,
-                        accelerator.num_processes)  # fmt: skip
-    if training.resume:
-        marker = run_state.find_resume(output_dir, training.resume)
-        if marker is not None:
-            loop.resume(marker)
-        else:
-            print(f"--resume {training.resume}: no earlier save in {output_dir}, starting fresh")
+    loop.tracker = tracker
     try:
         final = loop.run()
     except BaseException:

@@ -23,7 +23,10 @@ import torch
 
 from lora_moe_core.errors import UserError
 from lora_moe_core.formats.safetensors_io import read_safetensors, write_safetensors
+from lora_moe_core.guards.parse import load_json
+from lora_moe_core.training.saved_state import StateEscape, read_marker
 
+_MOMENT_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})  # AdamW's per-parameter state
 STATE_FILE = re.compile(r"^training_state_step_(\d+)\.json$")
 # Temporary names of the files a save writes: our atomic writers' ".<target>.<random>.tmp", and ".tmpXXXXXX" where
 # safetensors' own writer (Rust tempfile crate) puts the data before renaming it over ours.
@@ -44,14 +47,27 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Load AdamW moments saved by :func:`optimizer_tensors`, each checked against this run's parameters first
+    (a moment of another shape would load silently and fail, or broadcast, at the next step)."""
     tensors, metadata = read_safetensors(path, what="optimizer state")
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
+        index, _, key = name.partition(".")
+        if not index.isdigit() or int(index) >= len(params) or key not in _MOMENT_KEYS:
+            raise UserError(f"{path}: optimizer state holds {name!r}, not a moment of this run's {len(params)} "
+                            "parameters")  # fmt: skip
+        expected = params[int(index)].shape if key != "step" else torch.Size()
+        if tensor.shape != expected or not tensor.is_floating_point():
+            raise UserError(f"{path}: optimizer moment {name!r} is {tuple(tensor.shape)} {tensor.dtype}, this run's "
+                            f"parameter needs {tuple(expected)} floating point")  # fmt: skip
         state.setdefault(int(index), {})[key] = tensor
+    groups = load_json((metadata or {}).get("param_groups", "null"), f"{path} metadata 'param_groups'")
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        raise UserError(f"{path}: optimizer state has no 'param_groups' list in its metadata")
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    except (ValueError, KeyError) as exc:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: optimizer state does not match this run ({exc})") from None
 
 
@@ -124,7 +140,7 @@ def find_resume(output_dir: Path, resume: str) -> Path | None:
         path = Path(resume)
         if path.is_dir():
             return find_resume(path, "auto") or _no_state(path)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"--resume {resume}: no such training_state_step_N.json")
         problem = check_save(path)
         if problem is not None:
@@ -141,14 +157,19 @@ def find_resume(output_dir: Path, resume: str) -> Path | None:
 
 
 def check_save(marker: Path) -> str | None:
-    """Why the save of ``marker`` cannot be resumed from (unreadable, file missing or damaged); None if whole."""
+    """Why the save of ``marker`` cannot be resumed from (unreadable, file missing or damaged); None if whole.
+
+    Raises:
+        StateEscape: the marker names a file outside its folder (a tampered marker is refused, not skipped).
+    """
     try:
-        state = json.loads(marker.read_text())
-        names = [state["checkpoint"], state["optimizer"]]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        return f"unreadable marker ({type(exc).__name__}: {exc})"
+        state = read_marker(marker)
+    except StateEscape:
+        raise
+    except UserError as exc:
+        return f"unreadable marker ({str(exc).removeprefix(f'training state {marker}: ')})"
     recorded = state.get("files") or {}
-    for name in names:
+    for name in (state["checkpoint"], state["optimizer"]):
         path = marker.parent / name
         if not path.is_file():
             return f"{name} is missing"
@@ -178,7 +199,5 @@ def _no_state(path: Path) -> Path:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read training state {path}: {exc}") from None
+    """A marker, every field checked (:func:`~lora_moe_core.training.saved_state.read_marker`)."""
+    return read_marker(path)
