@@ -22,7 +22,7 @@ class UserError(Exception):
     """
 
     def __init__(self, message: str):
-        super().__init__(redact(" ".join(str(message).split())))
+        super().__init__(" ".join(redact(str(message)).split()))  # redacted first: a secret may span lines
 
 
 def disk_full_reason(exc: BaseException) -> str | None:

@@ -12,6 +12,7 @@ so that short ids such as ``admin`` do not blank out every log line that contain
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import urllib.parse
@@ -68,11 +69,21 @@ def redact_url(url: str) -> str:
     return _URL_USERINFO.sub(_mask_userinfo, url)
 
 
+def _forms(value: str) -> set[str]:
+    """The ways a secret shows in text: as it is, percent-encoded (URLs), escaped as ``repr``/JSON/bytes reprs
+    write it (a token holding a line break shows as ``\\n`` in an exception's message) and with its white space
+    collapsed (one-line messages join lines)."""
+    forms = {value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value), " ".join(value.split())}
+    forms |= {repr(value)[1:-1], json.dumps(value)[1:-1], repr(value.encode("utf-8", "replace"))[2:-1]}
+    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
+
+
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:
-    """``text`` with secret environment values and URL passwords replaced by ``***``."""
+    """``text`` with secret environment values (in each of their :func:`_forms`) and URL passwords replaced by
+    ``***``."""
     text = str(text)
     for value in secret_values(env):
-        for form in {value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}:
+        for form in sorted(_forms(value), key=len, reverse=True):
             text = text.replace(form, MASK)
     return redact_url(text)
 

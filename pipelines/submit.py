@@ -64,6 +64,8 @@ class Connection:
         except ValueError:
             raise UserError(f"KFP host {host!r} has an invalid port") from None
         sa_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
+        for name in ("KFP_TOKEN", "KFP_COOKIES"):
+            _check_header_value(os.environ.get(name) or "", name)
         return cls(
             host=host.rstrip("/"),
             namespace=namespace or os.environ.get("KFP_NAMESPACE") or None,
@@ -74,12 +76,33 @@ class Connection:
 
     def headers(self) -> dict[str, str]:
         headers = {}
-        token = self.token or (Path(self.sa_token_path).read_text().strip() if self.sa_token_path else None)
+        token = self.token
+        if not token and self.sa_token_path:
+            token = _check_header_value(_read_token_file(self.sa_token_path), f"the token file {self.sa_token_path}")
         if token:
             headers["Authorization"] = f"Bearer {token}"
         if self.cookies:
             headers["Cookie"] = self.cookies
         return headers
+
+
+def _check_header_value(value: str, where: str) -> str:
+    """``value`` when it can travel as an HTTP header; else a UserError naming ``where``, never the value (a line
+    break would split the header, and http.client's refusal would print the credential in a traceback)."""
+    bad = next((index for index, char in enumerate(value) if not (char.isprintable() and char.isascii())), None)
+    if bad is not None:
+        raise UserError(f"{where} holds a line break or another character a header cannot carry (character "
+                        f"{bad + 1} of {len(value)}); set it to the credential alone")  # fmt: skip
+    return value
+
+
+def _read_token_file(path: str) -> str:
+    from lora_moe_core.guards.files import read_regular_bytes
+
+    try:
+        return read_regular_bytes(path, "service-account token file").decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"the token file {path} is not ASCII text: not a service-account token") from None
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -300,3 +300,68 @@ def test_a_stage1_save_resumed_into_stage2_leaves_no_folder(tiny_cache, stage1, 
                                           str(stage1_run / "training_state_step_1.json")))  # fmt: skip
     assert "lora_step_1.safetensors" in err
     assert not (tmp_path / "new").exists()
+
+
+# -- 3. a credential in a failure path ----------------------------------------------------------------------------
+PLANTED_TOKEN = "kfp-tok-9f2c1e0b7a"
+
+
+def _leaks(text: str) -> bool:
+    """Whether any piece of the planted token (as it is, escaped or split by a line break) shows in ``text``."""
+    return any(part in text for part in (PLANTED_TOKEN, "9f2c1e0b7a", "X-Injected"))
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("KFP_TOKEN", f"{PLANTED_TOKEN}\r\nX-Injected: 1"),
+    ("KFP_TOKEN", f"{PLANTED_TOKEN}\n"[:-1] + "\n9f2c1e0b7a"),
+    ("KFP_COOKIES", f"authservice_session={PLANTED_TOKEN}\r\nX-Injected: 1"),
+    ("KFP_COOKIES", f"authservice_session={PLANTED_TOKEN}\x1b[2J"),
+])  # fmt: skip
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_a_credential_with_a_line_break_is_refused_without_being_shown(name, value, command, tmp_path, capsys,
+                                                                      monkeypatch):  # fmt: skip
+    for other in ("KFP_TOKEN", "KFP_COOKIES", "KF_PIPELINES_SA_TOKEN_PATH", "KFP_HOST"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    argv = ["pipeline", command, "--host", "http://127.0.0.1:9", "--package", str(tmp_path / "p.yaml")]
+    argv += ["--cron", "0 0 3 * * *", "--job_name", "nightly"] if command == "schedule" else []
+    capsys.readouterr()
+    err = _one_error(capsys, argv)
+    assert f"{name} holds a line break or another character a header cannot carry" in err
+    out = capsys.readouterr()
+    assert not _leaks(err + out.out + out.err)
+
+
+def test_a_bad_service_account_token_file_is_named_not_shown(tmp_path, capsys, monkeypatch) -> None:
+    from pipelines.submit import Connection, probe
+
+    for other in ("KFP_TOKEN", "KFP_COOKIES"):
+        monkeypatch.delenv(other, raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{PLANTED_TOKEN}\nX-Injected: 1\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    connection = Connection.from_env("http://127.0.0.1:9")
+    with pytest.raises(Exception) as caught:
+        probe(connection, timeout_s=1)
+    assert f"the token file {token_file} holds a line break" in str(caught.value) and not _leaks(str(caught.value))
+
+
+def test_an_unexpected_failure_prints_its_traceback_without_the_secret(capsys, monkeypatch) -> None:
+    """A bug's traceback is still printed (exit 1), with every form of a secret masked: here http.client's own
+    refusal of a header, whose message holds the token as a bytes repr (line break escaped)."""
+    import http.client
+
+    monkeypatch.setenv("KFP_TOKEN", f"{PLANTED_TOKEN}\nsecond-line-77")
+
+    def crash(args) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", 9)
+        connection.putrequest("GET", "/")
+        connection.putheader("Authorization", f"Bearer {os.environ['KFP_TOKEN']}")  # raises ValueError
+        return 0
+
+    monkeypatch.setattr("lora_moe_core.cli.data._label", crash)  # `label` runs into the bug
+    capsys.readouterr()
+    assert main(["label", "--dataset", "x", "--output", "y"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: Invalid header value" in err and "***" in err
+    assert not _leaks(err) and "second-line-77" not in err

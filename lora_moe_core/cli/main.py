@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
@@ -325,6 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: the traceback is for the report, but never with a credential in it
+        from lora_moe_core.redaction import redact
+
+        sys.stderr.write(redact(traceback.format_exc()))
+        return 1
 
 
 if __name__ == "__main__":
