@@ -19,8 +19,8 @@ from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork
 from lora_moe_core.data.latent_cache import CacheEntry, read_cache
 from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT
 from lora_moe_core.errors import UserError
+from lora_moe_core.evaluation import curves, report, specialisation
 from lora_moe_core.evaluation import metrics as evaluation
-from lora_moe_core.evaluation import report, specialisation
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.families import family as family_entry
 from lora_moe_core.formats.lora_files import read_lora
@@ -43,6 +43,9 @@ class EvaluationSettings:
     sample_steps: int = 8
     sample_size: tuple[int, int, int] = (64, 64, 17)  # width, height, frames
     seed: int = 0
+    # training_state_final.json of each stage, for the training curves (default: beside the weights file)
+    stage1_state: str | None = None
+    stage2_state: str | None = None
 
 
 def _check_labels(entries: list[CacheEntry], cache: str) -> None:
@@ -139,25 +142,6 @@ def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier
     return pairs
 
 
-def training_histories(settings: EvaluationSettings) -> dict[str, list[dict]]:
-    """The epoch histories of Stage 1 and Stage 2 (``training_state_final.json`` beside each local weights file),
-    for the report's training curves; a stage whose file is elsewhere (s3://, an imported LoRA) is left out."""
-    from lora_moe_core.guards.files import read_regular_bytes
-    from lora_moe_core.guards.parse import load_json
-
-    histories = {}
-    for stage, weights in (("stage1", settings.base_lora_weights), ("stage2", settings.lora_moe_weights)):
-        state = Path(weights).parent / "training_state_final.json" if weights and "://" not in weights else None
-        if state is None or not state.is_file():
-            continue
-        try:
-            history = load_json(read_regular_bytes(state, "training state").decode("utf-8"), str(state))["history"]
-        except (UserError, KeyError, TypeError, UnicodeDecodeError):
-            continue  # the curves are an extra: a damaged state file only leaves them out
-        histories[stage] = [record for record in history if isinstance(record, dict)]
-    return histories
-
-
 def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None = None) -> dict[str, float]:
     """Evaluate and write ``metrics.json``, the plots and ``report.html`` into ``output_dir``.
 
@@ -195,9 +179,11 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
              report.plot_gate_vs_timestep(gates.bucket_gates().tolist(), gates.boundaries.tolist(),
                                           out / "gate_vs_timestep.png"),
              report.plot_misrouting(misrouting, out / "misrouting_matrix.png")]  # fmt: skip
-    histories = training_histories(settings)
+    states = {"stage1": settings.stage1_state or curves.state_beside(settings.base_lora_weights),
+              "stage2": settings.stage2_state or curves.state_beside(settings.lora_moe_weights)}  # fmt: skip
+    histories = curves.read_histories(states)
     if histories:
-        plots.insert(0, report.plot_training_curves(histories, out / "training_curves.png"))
+        plots.insert(0, curves.plot_training_curves(histories, out / "training_curves.png"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     report.write_report(metrics, plots, pairs, out / "report.html")
     _track(settings, metrics, out, context, entries)
