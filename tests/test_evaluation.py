@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -103,6 +104,10 @@ def test_report_renders_its_plots_in_headless_chromium(evaluated, tmp_path):
     assert dom.count("<video") == 8 and dom.count('class="pair"') == 4 and dom.count('poster="samples/') == 8
     assert dom.count("Stage 1 (base LoRA)") == 4 and dom.count("Stage 2 (LoRA-MoE)") == 4
     assert "Held-out results by family" in dom and dom.index("Held-out results") < dom.index("<h2>Plots")
+    # the evaluation's MLflow run, in the runs view of the `mlflow ui` that serves this local store
+    assert re.search(r'<a href="http://127.0.0.1:5000/#/experiments/\d+/runs/\w+\?workflowType=machine_learning">'
+                     "this evaluation's run</a>", dom), dom[:3000]  # fmt: skip
+    assert f"<code>mlflow ui --backend-store-uri sqlite:///{evaluated / 'mlruns.db'}</code>" in dom
 
 
 def test_report_screenshot_shows_the_table_and_plots(evaluated, tmp_path):

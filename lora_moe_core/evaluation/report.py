@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.tracking.links import MlflowLink
 
 MODELS = ("base", "stage1", "stage2")
 
@@ -131,7 +132,7 @@ video{{width:256px;margin:2px}} figure{{display:inline-block;margin:4px 10px 4px
 figcaption{{font-size:85%;color:#444}} .pair{{display:inline-block;margin:6px 24px 6px 0;vertical-align:top}}
 </style></head>
 <body><h1>LoRA-MoE evaluation</h1>
-<p>{summary}</p>
+<p>{summary}</p>{mlflow}
 <h2>Held-out results by family</h2><table>{family_table}</table>
 <h2>Samples: Stage 1 and Stage 2, same prompt and noise</h2>{videos}
 <h2>Plots</h2>{images}
@@ -259,16 +260,26 @@ def _summary(metrics: dict) -> str:
     return summary
 
 
-def write_report(metrics: dict, plots: list[Path], pairs: list[SamplePair], path: Path) -> Path:
-    """A static HTML page next to its plots and videos (relative links, so the folder can move as a whole)."""
+def _mlflow_paragraph(links: list[tuple[str, MlflowLink]]) -> str:
+    """Links that open the runs view of MLflow (a local store names the ``mlflow ui`` that serves them)."""
+    anchors = " · ".join(f'<a href="{html.escape(link.url)}">{html.escape(label)}</a>' for label, link in links)
+    commands = sorted({link.command for _, link in links if link.command})
+    served = "".join(f" (start <code>{html.escape(command)}</code> first)" for command in commands)
+    return f'<p class="mlflow">In MLflow: {anchors}{served}</p>' if links else ""
+
+
+def write_report(metrics: dict, plots: list[Path], pairs: list[SamplePair], path: Path,
+                 mlflow_links: list[tuple[str, MlflowLink]] = ()) -> Path:  # fmt: skip
+    """A static HTML page next to its plots and videos (relative links, so the folder can move as a whole);
+    ``mlflow_links``: (label, link) of the MLflow runs it belongs to, shown under the headline."""
     images = "".join(f'<img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">' for p in plots)
     rows = "".join(
         f"<tr><th>{html.escape(key)}</th><td>{_cell(value)}</td></tr>" for key, value in sorted(metrics.items())
     )
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in LEGEND.items())
-    page = _PAGE.format(summary=html.escape(_summary(metrics)), family_table=_family_table(metrics),
-                        videos=_sample_pairs(pairs, path.parent), images=images, count=len(metrics), rows=rows,
-                        legend=legend)  # fmt: skip
+    page = _PAGE.format(summary=html.escape(_summary(metrics)), mlflow=_mlflow_paragraph(list(mlflow_links)),
+                        family_table=_family_table(metrics), videos=_sample_pairs(pairs, path.parent), images=images,
+                        count=len(metrics), rows=rows, legend=legend)  # fmt: skip
     path.write_text(page, encoding="utf-8")
     return path
 

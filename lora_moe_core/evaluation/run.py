@@ -28,6 +28,7 @@ from lora_moe_core.guards.files import removed_on_failure
 from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.context import TrackingContext
+from lora_moe_core.tracking.links import MlflowLink, mlflow_link
 
 
 @dataclass
@@ -185,21 +186,35 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
     if histories:
         plots.insert(0, curves.plot_training_curves(histories, out / "training_curves.png"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    report.write_report(metrics, plots, pairs, out / "report.html")
-    _track(settings, metrics, out, context, entries)
+    from lora_moe_core.tracking.tracker import start_tracker
+
+    # the run exists before the report is written, so that the report links to it
+    tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
+                            context=context)  # fmt: skip
+    report.write_report(metrics, plots, pairs, out / "report.html", _mlflow_links(tracker, context))
+    _track(tracker, settings, metrics, out, context, entries)
     return metrics
 
 
-def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None,
+def _mlflow_links(tracker, context: TrackingContext | None) -> list[tuple[str, MlflowLink]]:
+    """The evaluation's own MLflow run and the pipeline's parent run, for the report (none while MLflow is away)."""
+    link = getattr(tracker, "link", lambda: None)()  # a NullTracker (tracking off) has no run
+    if link is None:
+        return []
+    links = [("this evaluation's run", link)]
+    parent = (context or TrackingContext.from_env()).parent_run_id
+    if parent:
+        links.append(("the pipeline run", mlflow_link(tracker.tracking_uri, tracker.experiment_id, parent)))
+    return links
+
+
+def _track(tracker, settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None,
            entries: list[CacheEntry]) -> None:  # fmt: skip
     """Log the metrics, the held-out cache as a dataset input and every file of the report to MLflow (a child of
     the pipeline run when there is one); metrics.json, report.html and the plots also go to the parent run."""
     from lora_moe_core.tracking.datasets import cache_dataset_ref
     from lora_moe_core.tracking.runs import log_to_parent_run
-    from lora_moe_core.tracking.tracker import start_tracker
 
-    tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
-                            context=context)  # fmt: skip
     tracker.log_params({"evaluate": {k: str(v) for k, v in settings.__dict__.items()}})
     tracker.log_dataset(cache_dataset_ref(settings.cache, entries, "evaluation"))
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
