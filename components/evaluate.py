@@ -39,6 +39,7 @@ def evaluate(
     import tempfile
     from pathlib import Path
 
+    from lora_moe_core.evaluation.curves import state_beside
     from lora_moe_core.evaluation.report import inline_assets
     from lora_moe_core.evaluation.run import EvaluationSettings, run_evaluation
     from lora_moe_core.model.sources import ModelSource
@@ -52,10 +53,14 @@ def evaluate(
     stage1 = stage1_lora_uri
     if is_s3(stage1_lora_uri):
         stage1 = str(Storage().download(stage1_lora_uri, scratch / "stage1.safetensors"))
+    # the training curves: each trainer's state file lies beside the weights it wrote to the store, not beside
+    # the downloaded copy or the KFP artifact file read here
+    states = {"stage1_state": state_beside(stage1_lora_uri), "stage2_state": state_beside(lora_moe.metadata.get("uri"))}
     settings = EvaluationSettings(task=task, lora_moe_weights=lora_moe.path, base_lora_weights=stage1,
                                   cache=eval_cache_uri, output_dir=str(out), model=source,
                                   samples_per_family=samples_per_family, sample_steps=sample_steps,
-                                  sample_size=(sample_width, sample_height, sample_frames), seed=seed)  # fmt: skip
+                                  sample_size=(sample_width, sample_height, sample_frames), seed=seed,
+                                  **states)  # fmt: skip
     run_evaluation(settings, context)  # logs its own MLflow run, a child of the pipeline's
     for key, value in sorted(json.loads((out / "metrics.json").read_text()).items()):
         metrics.log_metric(key, float(value))

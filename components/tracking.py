@@ -22,13 +22,16 @@ def start_tracking(experiment: str, pipeline: str, kfp_run_id: str, kfp_run_name
 
     from lora_moe_core.redaction import redact
     from lora_moe_core.tracking.context import TrackingContext
+    from lora_moe_core.tracking.links import experiment_link
     from lora_moe_core.tracking.mlflow_client import resolve_tracking_uri
     from lora_moe_core.tracking.runs import start_parent_run
 
     context = TrackingContext(experiment=experiment, kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name)
     run_id = start_parent_run(kfp_run_name or pipeline, context, tags={"kfp.pipeline": pipeline, "stage": "pipeline"},
                               output_dir=tempfile.mkdtemp(prefix="tracking-"))  # fmt: skip
-    print(f"MLflow parent run {run_id or '(none)'} in experiment {experiment!r} at {redact(resolve_tracking_uri())}")
+    uri = resolve_tracking_uri()
+    link = experiment_link(uri, experiment, run_id) if run_id else None  # the runs view, not MLflow's GenAI pages
+    print(f"MLflow parent run {run_id or '(none)'} in experiment {experiment!r}: {link or redact(uri)}")
     return replace(context, parent_run_id=run_id or "").to_dict()
 
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_moe_core.defaults import REGISTERED_MODEL, REGISTRY_ALIAS
+from lora_moe_core.defaults import EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import redact
+from lora_moe_core.tracking.links import experiment_link, is_server
 from pipelines.defaults import DEMO_PROMPTS, DEMO_STAGE1_CONFIG, DEMO_STAGE2_CONFIG, training_section
 
 
@@ -122,6 +123,7 @@ class LocalResult:
     outputs: dict[str, str]  # output name -> local path
     tracking_uri: str
     store: str | None  # None for the inference pipeline
+    experiment: str = EXPERIMENT
 
     def summary(self) -> list[str]:
         """The lines printed at the end of ``lora-moe pipeline run``."""
@@ -131,11 +133,15 @@ class LocalResult:
         lines += [f"  {label + ':':<22}{self.outputs[key]}" for key, label in labels.items() if key in self.outputs]
         if self.store:
             lines.append(f"  {'big data (store):':<22}{self.store}")
-        shown = redact(self.tracking_uri)  # a server URL may carry user:password@
-        if self.tracking_uri.startswith(("http://", "https://")):
-            lines.append(f"  MLflow runs:          {shown} (experiment lora-moe)")
-        else:
-            lines.append(f"  MLflow runs:          mlflow ui --backend-store-uri {shown}")
+        link = experiment_link(self.tracking_uri, self.experiment)  # opens the runs view, not GenAI's
+        if link is None:  # store unreachable or without the experiment: say where it is
+            shown = redact(self.tracking_uri)  # a server URL may carry user:password@
+            link = (
+                f"{shown} (experiment {self.experiment})"
+                if is_server(shown)
+                else f"mlflow ui --backend-store-uri {shown}"
+            )
+        lines.append(f"  {'MLflow runs:':<22}{link}")
         return lines
 
 
@@ -211,4 +217,5 @@ def run_local(run: LocalRun) -> LocalResult:
         task = build(run.pipeline, local_settings)(**arguments)
     outputs = {name: getattr(artifact, "path", str(artifact)) for name, artifact in task.outputs.items()}
     store = run.store_uri if run.pipeline == "training" else None
-    return LocalResult(time.monotonic() - started, outputs, tracking_uri, store)
+    experiment = arguments.get("mlflow_experiment", EXPERIMENT)
+    return LocalResult(time.monotonic() - started, outputs, tracking_uri, store, experiment)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -103,6 +104,10 @@ def test_report_renders_its_plots_in_headless_chromium(evaluated, tmp_path):
     assert dom.count("<video") == 8 and dom.count('class="pair"') == 4 and dom.count('poster="samples/') == 8
     assert dom.count("Stage 1 (base LoRA)") == 4 and dom.count("Stage 2 (LoRA-MoE)") == 4
     assert "Held-out results by family" in dom and dom.index("Held-out results") < dom.index("<h2>Plots")
+    # the evaluation's MLflow run, in the runs view of the `mlflow ui` that serves this local store
+    assert re.search(r'<a href="http://127.0.0.1:5000/#/experiments/\d+/runs/\w+\?workflowType=machine_learning">'
+                     "this evaluation's run</a>", dom), dom[:3000]  # fmt: skip
+    assert f"<code>mlflow ui --backend-store-uri sqlite:///{evaluated / 'mlruns.db'}</code>" in dom
 
 
 def test_report_screenshot_shows_the_table_and_plots(evaluated, tmp_path):
@@ -149,7 +154,8 @@ def test_bad_evaluation_inputs(trained, tiny_cache, tmp_path, capsys):
 
 def test_family_table_and_training_curves(tmp_path):
     """The report's compact table reads the flat metrics; the curves plot Stage 2 after Stage 1."""
-    from lora_moe_core.evaluation.report import family_rows, plot_training_curves
+    from lora_moe_core.evaluation.curves import plot_training_curves
+    from lora_moe_core.evaluation.report import family_rows
 
     metrics = {"val_loss.Hook.base": 3.0, "val_loss.Hook.stage1": 2.0, "val_loss.Hook.stage2": 1.5, "usage.Hook": 0.4,
                "misrouting.Hook.Hook": 1.5, "misrouting.wrong_expert_increase.Hook": 0.08}  # fmt: skip
@@ -160,3 +166,71 @@ def test_family_table_and_training_curves(tmp_path):
                  "stage2": [{"epoch": 1, "diffusion_loss": 2.4, "roi_loss": 2.6}]}  # fmt: skip
     path = plot_training_curves(histories, tmp_path / "curves.png")
     assert path.stat().st_size > 5000
+
+
+def test_training_curves_number_stage2_epochs_after_stage1():
+    from lora_moe_core.evaluation.curves import curve_series
+
+    histories = {"stage2": [{"epoch": 1, "diffusion_loss": 0.9, "roi_loss": 1.1}, {"epoch": 2, "diffusion_loss": 0.8}],
+                 "stage1": [{"epoch": e, "diffusion_loss": 1.5 - 0.1 * e} for e in (1, 2, 3, 4)]}  # fmt: skip
+    series, markers = curve_series(histories)
+    got = {line.label: (line.epochs, [round(v, 4) for v in line.values]) for line in series}
+    assert got["stage1 diffusion_loss"] == ([1, 2, 3, 4], [1.4, 1.3, 1.2, 1.1])  # Stage 1 first, whatever the order
+    assert got["stage2 diffusion_loss"] == ([5, 6], [0.9, 0.8])
+    assert got["stage2 roi_loss"][0] == [5, 6] and got["stage2 roi_loss"][1][0] == 1.1
+    assert "stage1 roi_loss" not in got and markers == [4.5, 6.5]
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def log_metric(self, key: str, value: float) -> None:
+        self.values[key] = value
+
+
+def test_evaluate_step_plots_both_stages_from_the_store(trained, tiny_cache, tmp_path, monkeypatch):
+    """The pipeline's evaluate step reads Stage 2 from a KFP artifact file, whose folder holds no training state
+    (make run's report showed Stage 1 only): the curves come from the state files beside the weights in the store."""
+    import types
+
+    from components.evaluate import evaluate
+    from lora_moe_core.evaluation import curves
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "none")
+    artifact = tmp_path / "kfp" / "lora_moe"  # what kfp.local hands the step: a bare file
+    artifact.parent.mkdir()
+    shutil.copy(trained["stage2"], artifact)
+    seen: list[dict] = []
+    plot = curves.plot_training_curves
+    monkeypatch.setattr(curves, "plot_training_curves", lambda histories, path: seen.append(histories) or plot(
+        histories, path))  # fmt: skip
+    lora_moe = types.SimpleNamespace(path=str(artifact), metadata={"uri": str(trained["stage2"])})
+    report = types.SimpleNamespace(path=str(tmp_path / "report.html"))
+    evaluate.python_func(eval_cache_uri=tiny_cache, lora_moe=lora_moe, stage1_lora_uri=str(trained["stage1"]),
+                         task="tiny", base_model_uri="", dit_uri="", dit_high_noise_uri="", vae_uri="", t5_uri="",
+                         samples_per_family=0, sample_steps=2, sample_width=32, sample_height=32, sample_frames=9,
+                         seed=0, metrics=_Metrics(), report=report, tracking={}, kfp_task_name="evaluate")  # fmt: skip
+    [histories] = seen
+    assert [record["epoch"] for record in histories["stage1"]] == [1, 2]  # the fixture's --num_train_epochs
+    assert [record["epoch"] for record in histories["stage2"]] == [1, 2, 3, 4]
+    assert "training_curves" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("interval", "words"),
+    [((-0.0030, -0.0041, -0.0019), ("The experts specialise", "0.0030, 0.30% of the held-out loss", "below 0")),
+     ((0.0002, -0.0004, 0.0008), ("No evidence of specialisation", "interval includes 0")),
+     ((0.0007, 0.0001, 0.0012), ("No sign of specialisation", "slightly worse", "0.0007, 0.07% of the held-out loss",
+                                 "above 0"))],
+)  # fmt: skip
+def test_report_headline_says_what_the_specialisation_interval_means(interval, words):
+    from lora_moe_core.evaluation.report import _summary
+
+    score, low, high = interval
+    metrics = {"routing.accuracy": 1.0, "specialisation.score": score, "specialisation.ci_low": low,
+               "specialisation.ci_high": high, "val_loss.all.stage2": 1.0}  # fmt: skip
+    text = _summary(metrics)
+    assert f"specialisation score {score:+.4f} (95% CI {low:+.4f} to {high:+.4f})" in text  # numbers beside words
+    for word in words:
+        assert word in text, text

@@ -77,7 +77,9 @@ def test_local_run_folder_store_and_sqlite(tmp_path, capsys, lora_moe):  # noqa:
     paths = summary_paths(out)
     check_outputs(paths)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert f"mlflow ui --backend-store-uri {tracking_uri}" in out
+    experiment_id = MlflowClient(tracking_uri).get_experiment_by_name("lora-moe").experiment_id
+    assert (f"MLflow runs:          mlflow ui --backend-store-uri {tracking_uri}, then open http://127.0.0.1:5000/"
+            f"#/experiments/{experiment_id}/runs?workflowType=machine_learning") in out  # fmt: skip
     kfp_run_id = check_mlflow(tracking_uri, imported_stage1=False)["kfp_run_id"]
     run = tmp_path / "store" / "runs" / kfp_run_id  # big data in the folder store, by run
     assert (run / "stage1" / "lora_final.safetensors").is_file()
@@ -138,8 +140,11 @@ def test_local_run_on_s3_and_mlflow_server(tmp_path, capsys, lora_moe, s3_env, m
     assert lora_moe(argv) == 0
     captured = capsys.readouterr()
     out = captured.out
-    shown_uri = mlflow_server.uri.replace("://", "://lora-moe:***@")
-    assert f"MLflow runs:          {shown_uri}" in out and not (tmp_path / "mlflow.db").exists()
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient(mlflow_server.uri).get_experiment_by_name("lora-moe").experiment_id
+    link = f"{mlflow_server.uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"  # no user:pw@
+    assert f"MLflow runs:          {link}" in out and not (tmp_path / "mlflow.db").exists()
     check_outputs(summary_paths(out))
     kfp_run_id = check_mlflow(mlflow_server.uri, imported_stage1=True)["kfp_run_id"]
     objects = set(storage.list(prefix))

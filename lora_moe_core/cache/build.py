@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lora_moe_core.cache.writer import CacheReport, CacheSettings
 from lora_moe_core.data.dataset import Dataset
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import removed_on_failure
 from lora_moe_core.storage.store import Storage
 
 
@@ -80,4 +82,6 @@ def cache_dataset(
     if is_s3(output):
         storage.list(output)  # a missing bucket or a denied key fails now, not once per encoded video
     cacher = LatentCacher(load_encoders(settings.task, settings.model), settings, output, storage)
-    return CacheOutcome(cacher.run(dataset, labels, shard), reused_musubi=False)
+    # a failed run that published nothing (every video bad) leaves no empty cache folder behind
+    with contextlib.nullcontext() if is_s3(output) else removed_on_failure(output, keep_files=True):
+        return CacheOutcome(cacher.run(dataset, labels, shard), reused_musubi=False)

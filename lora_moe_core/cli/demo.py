@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lora_moe_core.config import resolve_config_path
-from lora_moe_core.defaults import ALPHA_BASE
+from lora_moe_core.defaults import ALPHA_BASE, EXPERIMENT
 from lora_moe_core.families import family
 
 DEMO_CONFIGS = resolve_config_path("configs/demo")  # shipped in the package
@@ -60,6 +60,8 @@ def run_demo(output_dir: str | Path, seed: int = 0, num_videos: int = 32) -> Non
     from lora_moe_core.inference.request import InferenceRequest
     from lora_moe_core.model.classifier import save_classifier, train_classifier
     from lora_moe_core.model.wan import task_linear_shapes
+    from lora_moe_core.redaction import redact
+    from lora_moe_core.tracking.links import experiment_link
     from lora_moe_core.training.run import run_training
 
     out = Path(output_dir)
@@ -108,4 +110,5 @@ def run_demo(output_dir: str | Path, seed: int = 0, num_videos: int = 32) -> Non
     print(f"      exported LoRAs:     {out / 'export'}")
     print(f"      evaluation report:  {out / 'evaluation' / 'report.html'}")
     print(f"      generated video:    {out / 'output.mp4'}")
-    print(f"      MLflow runs:        mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']}")
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    print(f"      MLflow runs:        {experiment_link(uri, EXPERIMENT) or redact(uri)}")

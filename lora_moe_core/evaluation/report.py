@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.tracking.links import MlflowLink
 
 MODELS = ("base", "stage1", "stage2")
 
@@ -23,7 +24,8 @@ class SamplePair:
     stage2: Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: evaluation runs on cluster nodes
@@ -32,8 +34,9 @@ def _pyplot():
     return pyplot
 
 
-def _save(figure, path: Path) -> Path:
-    plt = _pyplot()
+def save_figure(figure, path: Path) -> Path:
+    """Write ``figure`` as a PNG at ``path`` and close it."""
+    plt = pyplot()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -42,7 +45,7 @@ def _save(figure, path: Path) -> Path:
 
 def plot_losses(metrics: dict, path: Path) -> Path:
     """Held-out diffusion loss per family, base / Stage 1 / Stage 2 side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     groups = [*FAMILIES, "all"]
     width = 0.8 / len(MODELS)
@@ -56,30 +59,12 @@ def plot_losses(metrics: dict, path: Path) -> Path:
         axis.set_ylim(min(values) - 0.5 * span - 1e-6, max(values) + 0.5 * span + 1e-6)
     axis.set(ylabel="held-out flow-matching loss", title="loss by family (lower is better)")
     axis.legend()
-    return _save(figure, path)
-
-
-def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> Path:
-    """Training loss per epoch, Stage 2's epochs continuing after Stage 1's: one timeline of the adaptation."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4))
-    start = 0
-    for stage, history in histories.items():
-        epochs = [start + record.get("epoch", index + 1) for index, record in enumerate(history)]
-        for key, style in (("diffusion_loss", "-"), ("roi_loss", ":")):
-            values = [record.get(key, np.nan) for record in history]
-            if any(np.isfinite(values)):
-                axis.plot(epochs, values, style, marker="o", markersize=3, label=f"{stage} {key}")
-        start = max(epochs, default=start)
-        axis.axvline(start + 0.5, color="grey", linewidth=0.5)
-    axis.set(xlabel="epoch (Stage 2 continues after Stage 1)", ylabel="training loss", title="training curves")
-    axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_confusion(confusion: list[list[int]], path: Path) -> Path:
     """Routing confusion: caption family (rows) vs the expert with the largest gate (columns)."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.array(confusion)
     figure, axis = plt.subplots(figsize=(5, 4))
     image = axis.imshow(matrix, cmap="Blues")
@@ -89,12 +74,12 @@ def plot_confusion(confusion: list[list[int]], path: Path) -> Path:
     axis.set_yticks(range(len(FAMILIES)), FAMILIES)
     axis.set(xlabel="top expert", ylabel="caption family", title="routing confusion")
     figure.colorbar(image)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_gates(gate_means: dict[str, list[float]], path: Path) -> Path:
     """Mean gate of each expert (columns) on clips of each family (rows)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [gate_means.get(name, [np.nan] * len(FAMILIES)) for name in FAMILIES]
     figure, axis = plt.subplots(figsize=(5, 4))
     image = axis.imshow(np.array(rows), cmap="viridis", vmin=0, vmax=1)
@@ -104,12 +89,12 @@ def plot_gates(gate_means: dict[str, list[float]], path: Path) -> Path:
     axis.set_yticks(range(len(FAMILIES)), FAMILIES)
     axis.set(xlabel="expert", ylabel="clip family", title="gates per family")
     figure.colorbar(image)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_gate_vs_timestep(bucket_gates: list[list[float]], boundaries: list[float], path: Path) -> Path:
     """The learned timestep gate of each expert across t (step function over the buckets)."""
-    plt = _pyplot()
+    plt = pyplot()
     edges = [0.0, *boundaries, 1000.0]
     figure, axis = plt.subplots(figsize=(6, 4))
     for expert, name in enumerate(FAMILIES):
@@ -119,13 +104,13 @@ def plot_gate_vs_timestep(bucket_gates: list[list[float]], boundaries: list[floa
         axis.axvline(boundary, color="grey", linestyle="--", linewidth=1)
     axis.set(xlabel="timestep t (0-1000)", ylabel="timestep gate", title="gate vs timestep", ylim=(0, 2))
     axis.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_misrouting(matrix: np.ndarray, path: Path) -> Path:
     """Held-out loss of each family's clips (rows) forced onto each expert (columns), with the relative excess over
     the row's own expert, so a specialised model shows its minimum on the diagonal."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 4))
     image = axis.imshow(matrix, cmap="magma_r")
     for (row, column), value in np.ndenumerate(matrix):
@@ -135,7 +120,7 @@ def plot_misrouting(matrix: np.ndarray, path: Path) -> Path:
     axis.set_yticks(range(len(FAMILIES)), FAMILIES)
     axis.set(xlabel="forced expert", ylabel="clip family", title="misrouting matrix (held-out loss)")
     figure.colorbar(image)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 _PAGE = """<!doctype html>
@@ -147,7 +132,7 @@ video{{width:256px;margin:2px}} figure{{display:inline-block;margin:4px 10px 4px
 figcaption{{font-size:85%;color:#444}} .pair{{display:inline-block;margin:6px 24px 6px 0;vertical-align:top}}
 </style></head>
 <body><h1>LoRA-MoE evaluation</h1>
-<p>{summary}</p>
+<p>{summary}</p>{mlflow}
 <h2>Held-out results by family</h2><table>{family_table}</table>
 <h2>Samples: Stage 1 and Stage 2, same prompt and noise</h2>{videos}
 <h2>Plots</h2>{images}
@@ -264,24 +249,37 @@ def _sample_pairs(pairs: list[SamplePair], folder: Path) -> str:
 
 
 def _summary(metrics: dict) -> str:
+    from lora_moe_core.evaluation.specialisation import verdict  # torch and the trainer: only when a report is made
+
     accuracy = metrics.get("routing.accuracy")
     summary = "routing accuracy " + (f"{accuracy:.2f}" if isinstance(accuracy, float) else "n/a")
     if "specialisation.score" in metrics:
-        low, high = metrics["specialisation.ci_low"], metrics["specialisation.ci_high"]
-        summary += f"; specialisation score {metrics['specialisation.score']:+.4f} (95% CI {low:+.4f} to {high:+.4f})"
+        score, low, high = (metrics[f"specialisation.{key}"] for key in ("score", "ci_low", "ci_high"))
+        summary += f"; specialisation score {score:+.4f} (95% CI {low:+.4f} to {high:+.4f}). "
+        summary += verdict(score, low, high, metrics.get("val_loss.all.stage2"))
     return summary
 
 
-def write_report(metrics: dict, plots: list[Path], pairs: list[SamplePair], path: Path) -> Path:
-    """A static HTML page next to its plots and videos (relative links, so the folder can move as a whole)."""
+def _mlflow_paragraph(links: list[tuple[str, MlflowLink]]) -> str:
+    """Links that open the runs view of MLflow (a local store names the ``mlflow ui`` that serves them)."""
+    anchors = " · ".join(f'<a href="{html.escape(link.url)}">{html.escape(label)}</a>' for label, link in links)
+    commands = sorted({link.command for _, link in links if link.command})
+    served = "".join(f" (start <code>{html.escape(command)}</code> first)" for command in commands)
+    return f'<p class="mlflow">In MLflow: {anchors}{served}</p>' if links else ""
+
+
+def write_report(metrics: dict, plots: list[Path], pairs: list[SamplePair], path: Path,
+                 mlflow_links: list[tuple[str, MlflowLink]] = ()) -> Path:  # fmt: skip
+    """A static HTML page next to its plots and videos (relative links, so the folder can move as a whole);
+    ``mlflow_links``: (label, link) of the MLflow runs it belongs to, shown under the headline."""
     images = "".join(f'<img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">' for p in plots)
     rows = "".join(
         f"<tr><th>{html.escape(key)}</th><td>{_cell(value)}</td></tr>" for key, value in sorted(metrics.items())
     )
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in LEGEND.items())
-    page = _PAGE.format(summary=html.escape(_summary(metrics)), family_table=_family_table(metrics),
-                        videos=_sample_pairs(pairs, path.parent), images=images, count=len(metrics), rows=rows,
-                        legend=legend)  # fmt: skip
+    page = _PAGE.format(summary=html.escape(_summary(metrics)), mlflow=_mlflow_paragraph(list(mlflow_links)),
+                        family_table=_family_table(metrics), videos=_sample_pairs(pairs, path.parent), images=images,
+                        count=len(metrics), rows=rows, legend=legend)  # fmt: skip
     path.write_text(page, encoding="utf-8")
     return path
 

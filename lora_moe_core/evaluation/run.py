@@ -19,8 +19,8 @@ from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork
 from lora_moe_core.data.latent_cache import CacheEntry, read_cache
 from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT
 from lora_moe_core.errors import UserError
+from lora_moe_core.evaluation import curves, report, specialisation
 from lora_moe_core.evaluation import metrics as evaluation
-from lora_moe_core.evaluation import report, specialisation
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.families import family as family_entry
 from lora_moe_core.formats.lora_files import read_lora
@@ -28,6 +28,7 @@ from lora_moe_core.guards.files import removed_on_failure
 from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.context import TrackingContext
+from lora_moe_core.tracking.links import MlflowLink, mlflow_link
 
 
 @dataclass
@@ -43,6 +44,9 @@ class EvaluationSettings:
     sample_steps: int = 8
     sample_size: tuple[int, int, int] = (64, 64, 17)  # width, height, frames
     seed: int = 0
+    # training_state_final.json of each stage, for the training curves (default: beside the weights file)
+    stage1_state: str | None = None
+    stage2_state: str | None = None
 
 
 def _check_labels(entries: list[CacheEntry], cache: str) -> None:
@@ -139,25 +143,6 @@ def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier
     return pairs
 
 
-def training_histories(settings: EvaluationSettings) -> dict[str, list[dict]]:
-    """The epoch histories of Stage 1 and Stage 2 (``training_state_final.json`` beside each local weights file),
-    for the report's training curves; a stage whose file is elsewhere (s3://, an imported LoRA) is left out."""
-    from lora_moe_core.guards.files import read_regular_bytes
-    from lora_moe_core.guards.parse import load_json
-
-    histories = {}
-    for stage, weights in (("stage1", settings.base_lora_weights), ("stage2", settings.lora_moe_weights)):
-        state = Path(weights).parent / "training_state_final.json" if weights and "://" not in weights else None
-        if state is None or not state.is_file():
-            continue
-        try:
-            history = load_json(read_regular_bytes(state, "training state").decode("utf-8"), str(state))["history"]
-        except (UserError, KeyError, TypeError, UnicodeDecodeError):
-            continue  # the curves are an extra: a damaged state file only leaves them out
-        histories[stage] = [record for record in history if isinstance(record, dict)]
-    return histories
-
-
 def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None = None) -> dict[str, float]:
     """Evaluate and write ``metrics.json``, the plots and ``report.html`` into ``output_dir``.
 
@@ -195,25 +180,41 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
              report.plot_gate_vs_timestep(gates.bucket_gates().tolist(), gates.boundaries.tolist(),
                                           out / "gate_vs_timestep.png"),
              report.plot_misrouting(misrouting, out / "misrouting_matrix.png")]  # fmt: skip
-    histories = training_histories(settings)
+    states = {"stage1": settings.stage1_state or curves.state_beside(settings.base_lora_weights),
+              "stage2": settings.stage2_state or curves.state_beside(settings.lora_moe_weights)}  # fmt: skip
+    histories = curves.read_histories(states)
     if histories:
-        plots.insert(0, report.plot_training_curves(histories, out / "training_curves.png"))
+        plots.insert(0, curves.plot_training_curves(histories, out / "training_curves.png"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    report.write_report(metrics, plots, pairs, out / "report.html")
-    _track(settings, metrics, out, context, entries)
+    from lora_moe_core.tracking.tracker import start_tracker
+
+    # the run exists before the report is written, so that the report links to it
+    tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
+                            context=context)  # fmt: skip
+    report.write_report(metrics, plots, pairs, out / "report.html", _mlflow_links(tracker, context))
+    _track(tracker, settings, metrics, out, context, entries)
     return metrics
 
 
-def _track(settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None,
+def _mlflow_links(tracker, context: TrackingContext | None) -> list[tuple[str, MlflowLink]]:
+    """The evaluation's own MLflow run and the pipeline's parent run, for the report (none while MLflow is away)."""
+    link = getattr(tracker, "link", lambda: None)()  # a NullTracker (tracking off) has no run
+    if link is None:
+        return []
+    links = [("this evaluation's run", link)]
+    parent = (context or TrackingContext.from_env()).parent_run_id
+    if parent:
+        links.append(("the pipeline run", mlflow_link(tracker.tracking_uri, tracker.experiment_id, parent)))
+    return links
+
+
+def _track(tracker, settings: EvaluationSettings, metrics: dict, out: Path, context: TrackingContext | None,
            entries: list[CacheEntry]) -> None:  # fmt: skip
     """Log the metrics, the held-out cache as a dataset input and every file of the report to MLflow (a child of
     the pipeline run when there is one); metrics.json, report.html and the plots also go to the parent run."""
     from lora_moe_core.tracking.datasets import cache_dataset_ref
     from lora_moe_core.tracking.runs import log_to_parent_run
-    from lora_moe_core.tracking.tracker import start_tracker
 
-    tracker = start_tracker(run_name=f"evaluate-{out.name}", output_dir=out, tags={"stage": "evaluate"},
-                            context=context)  # fmt: skip
     tracker.log_params({"evaluate": {k: str(v) for k, v in settings.__dict__.items()}})
     tracker.log_dataset(cache_dataset_ref(settings.cache, entries, "evaluation"))
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)

@@ -226,3 +226,24 @@ def specialisation_metrics(
     per_route = route_losses(network, labelled, dits, boundary, seed)
     members = family_members(labelled)
     return summarise(per_route, members), misrouting_matrix(expert_clip_losses(per_route), members)
+
+
+def verdict(score: float, low: float, high: float, loss: float | None = None) -> str:
+    """What the score and its 95% interval say about this checkpoint, in words a reader can act on.
+
+    ``loss``: the held-out loss of the Stage-2 checkpoint, to give the score's size as a share of it. The
+    interval is conditional on one checkpoint (see the module doc): it says how well the held-out clips pin down
+    *this* checkpoint's score, not whether the training recipe makes experts specialise.
+    """
+    size = f"{abs(score):.4f}" + (f", {abs(score) / loss:.2%} of the held-out loss" if loss else "")
+    if high < 0:
+        return (f"The experts specialise: each family's own expert fits its clips better than that expert's "
+                f"overall quality predicts (by {size}), and the whole 95% interval is below 0. Whether training "
+                "does this reliably is a question over seeds (bench/method.py).")  # fmt: skip
+    if low <= 0:
+        return ("No evidence of specialisation: the 95% interval includes 0, so on these held-out clips a family's "
+                "own expert is not measurably better for it than the other experts. Train longer, with more "
+                "clips per family, or check that the captions name the instruments.")  # fmt: skip
+    return (f"No sign of specialisation: each family's own expert fits its clips slightly worse than the other "
+            f"experts do (by {size}), and the whole 95% interval is above 0. Routing by instrument does not help "
+            "on these clips yet; train longer, with more clips per family, or check the labels.")  # fmt: skip

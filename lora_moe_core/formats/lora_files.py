@@ -19,6 +19,7 @@ import torch
 from lora_moe_core.defaults import LORA_FORMATS
 from lora_moe_core.errors import UserError
 from lora_moe_core.formats.safetensors_io import read_safetensors, write_safetensors
+from lora_moe_core.guards.files import check_output_name
 from lora_moe_core.guards.parse import load_json
 
 FORMATS = LORA_FORMATS  # the one list, in the order auto-detection prefers on a tie
@@ -211,7 +212,9 @@ def _group(path: str, tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, d
 
 
 def _file_alpha(path: str, entry: dict[str, tuple[str, torch.Tensor]], rank: int) -> float:
-    """musubi/comfy alpha; absent or 0 means alpha = rank (scale 1), as musubi/kohya read it.
+    """musubi/comfy alpha; absent or 0 means alpha = rank (scale 1), as musubi/kohya read it. A negative alpha is
+    refused: musubi and ComfyUI would silently apply the LoRA inverted, and diffusers 0.42.1's Wan converter
+    (``get_alpha_scales``) loops forever halving a negative scale.
 
     ComfyUI reads an absent alpha as scale 1 too, but an alpha of 0 as scale 0 (``alpha / rank``): files we write
     always carry a non-zero alpha, so every reader agrees on them.
@@ -222,6 +225,10 @@ def _file_alpha(path: str, entry: dict[str, tuple[str, torch.Tensor]], rank: int
     if t.numel() != 1:
         raise UserError(f"{path}: alpha '{key}' has shape {tuple(t.shape)}; expected a scalar")
     alpha = float(t.float().item())
+    if alpha < 0:
+        raise UserError(f"{path}: alpha '{key}' is {alpha:g}; LoRA alphas must be positive (negate '{key[:-5]}"
+                        "lora_up.weight' for an inverted LoRA: diffusers' Wan converter never returns on a "
+                        "negative alpha)")  # fmt: skip
     return float(rank) if alpha == 0 else alpha
 
 
@@ -256,10 +263,35 @@ def _diffusers_alpha_rule(path: str, metadata: dict[str, str]):
         if int(want) != rank:
             raise UserError(f"{path}: module '{name}' has rank {rank} but the diffusers metadata says {want}")
         alpha = float(_peft_match(alphas, name, cfg["lora_alpha"]))
+        if alpha < 0:  # refused as in musubi/comfy files (see _file_alpha)
+            raise UserError(f"{path}: metadata '{DIFFUSERS_METADATA_KEY}' gives module '{name}' the negative "
+                            f"lora_alpha {alpha:g}; LoRA alphas must be positive")  # fmt: skip
         # rsLoRA scales by alpha/sqrt(r); express that as an equivalent alpha for alpha/r.
         return alpha * math.sqrt(rank) if cfg.get("use_rslora") else alpha
 
     return rule
+
+
+def _check_shapes(path: str, name: str, dkey: str, down: torch.Tensor, ukey: str, up: torch.Tensor) -> None:
+    """down [rank, in] and up [out, rank] with 0 < rank <= min(in, out); else one line naming the keys.
+
+    A file whose down and up tensors were swapped chains just as well when in == out (every attention Linear):
+    its "rank" is then the layer width and larger than the other dimension, which no low-rank factorisation has.
+    """
+    if down.ndim != 2 or up.ndim != 2:
+        raise UserError(f"{path}: '{dkey}'/'{ukey}' are not 2-D; only Linear LoRA layers are supported")
+    shapes = f"'{dkey}' is {list(down.shape)} and '{ukey}' is {list(up.shape)}"
+    swapped = f"{path}: {shapes}: down must be [rank, in] and up [out, rank]; the two look swapped"
+    if up.shape[1] != down.shape[0]:
+        if down.shape[1] == up.shape[0] <= min(down.shape[0], up.shape[1]):  # they chain, as a low rank, swapped
+            raise UserError(swapped)
+        raise UserError(f"{path}: rank mismatch in '{name}': '{dkey}' has rank {down.shape[0]} "
+                        f"but '{ukey}' has rank {up.shape[1]}")  # fmt: skip
+    rank = down.shape[0]
+    if rank == 0:
+        raise UserError(f"{path}: module '{name}' has rank 0 ('{dkey}' is empty): nothing to apply; remove it")
+    if rank > min(down.shape[1], up.shape[0]):
+        raise UserError(swapped)
 
 
 def read_lora(path: str | os.PathLike) -> LoRAFile:
@@ -275,18 +307,9 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
             which = entry[have][0] if have in entry else entry["alpha"][0]
             raise UserError(f"{path}: '{which}' has no matching {miss} weight for module '{name}'")
         (dkey, down), (ukey, up) = entry["down"], entry["up"]
-        if down.ndim != 2 or up.ndim != 2:
-            raise UserError(f"{path}: '{dkey}'/'{ukey}' are not 2-D; only Linear LoRA layers are supported")
-        if up.shape[1] != down.shape[0]:
-            raise UserError(
-                f"{path}: rank mismatch in '{name}': '{dkey}' has rank {down.shape[0]} "
-                f"but '{ukey}' has rank {up.shape[1]}"
-            )
-        rank = down.shape[0]
-        if rank == 0:
-            raise UserError(f"{path}: module '{name}' has rank 0 ('{dkey}' is empty): nothing to apply; remove it")
+        _check_shapes(path, name, dkey, down, ukey, up)
         # diffusers keys never carry an alpha, so _file_alpha gives alpha = rank (scale baked in) for them.
-        alpha = alpha_rule(name, rank) if alpha_rule else _file_alpha(path, entry, rank)
+        alpha = alpha_rule(name, down.shape[0]) if alpha_rule else _file_alpha(path, entry, down.shape[0])
         modules[name] = LoRAModuleWeights(down=down, up=up, alpha=alpha)
     counts = Counter(t.dtype for m in modules.values() for t in (m.down, m.up))
     dtype = counts.most_common(1)[0][0] if len(counts) == 1 else torch.float32
@@ -375,6 +398,7 @@ def convert_lora_file(
 ) -> LoRAFile:
     """Read ``input_path``, write it to ``output_path`` in layout ``to``; returns the LoRA as read."""
     src, dst = os.path.abspath(os.fspath(input_path)), os.path.abspath(os.fspath(output_path))
+    check_output_name(dst)  # before the samefile() below, which would raise ENAMETOOLONG on such a name
     if src == dst or (os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst)):
         raise UserError(f"output {output_path} is the input file; choose another output path")
     lora = read_lora(src)

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.guards.files import check_regular_file
+from lora_moe_core.guards.files import check_output_name, check_regular_file
 from lora_moe_core.guards.parse import load_json
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -83,6 +83,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
         UserError: when the path is a folder or cannot be created or written.
     """
     path = Path(path)
+    check_output_name(path)  # before is_dir(): a 300-byte name makes stat() raise ENAMETOOLONG
     if path.is_dir():
         raise UserError(f"output path {path} is a directory")
     try:

@@ -74,9 +74,12 @@ def check_output_name(path: str | os.PathLike[str], what: str = "output") -> Non
 
 
 @contextlib.contextmanager
-def removed_on_failure(folder: str | os.PathLike[str]) -> Iterator[Path]:
+def removed_on_failure(folder: str | os.PathLike[str], keep_files: bool = False) -> Iterator[Path]:
     """Create ``folder`` (and missing parents) for a command's outputs; when the block raises, remove the folders
     this call created, so that a failed command leaves nothing behind. A folder that existed is left as it was.
+
+    ``keep_files``: remove the created folders only while they hold no file (a latent cache keeps the entries it
+    published before the failure, so that a rerun resumes from them).
 
     Raises:
         UserError: when the folder cannot be created.
@@ -93,9 +96,22 @@ def removed_on_failure(folder: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield folder
     except BaseException:
-        if created:
+        if created and not keep_files:
             shutil.rmtree(top, ignore_errors=True)
+        elif created:
+            _remove_empty(folder.absolute(), top)
         raise
+
+
+def _remove_empty(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to ``top`` where they hold nothing but empty folders."""
+    if any(path.is_file() or path.is_symlink() for path in folder.rglob("*")):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    while folder != top:
+        folder = folder.parent
+        with contextlib.suppress(OSError):  # not empty: something else lives there
+            folder.rmdir()
 
 
 def _short(path: Path) -> str:

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from lora_moe_core.redaction import redact, redact_url
+from lora_moe_core.redaction import redact
 
 # Read by MLflow per request from os.environ (see the module doc); set only where the user has not.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
@@ -71,8 +71,9 @@ def _make_client(tracking_uri: str):
     db_file = _sqlite_file(tracking_uri)
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
-    if redact_url(tracking_uri) != tracking_uri:  # MLflow prints "View run … at <the URI>" with its password in it
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow prints "View run … at <server>/#/experiments/<id>/runs/<run>" when a run ends: a link that opens the
+    # GenAI view in a fresh browser, with any password of the URI in it. The tracker prints its own (tracking.links).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

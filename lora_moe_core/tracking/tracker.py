@@ -38,6 +38,7 @@ from lora_moe_core.defaults import EXPERIMENT
 from lora_moe_core.redaction import redact, redact_mapping
 from lora_moe_core.tracking.context import TrackingContext
 from lora_moe_core.tracking.datasets import DatasetRef
+from lora_moe_core.tracking.links import MlflowLink, is_server, mlflow_link
 from lora_moe_core.tracking.mlflow_client import (
     _REJECTED_CODES,
     DISABLED_URIS,
@@ -130,6 +131,7 @@ class MLflowTracker(_TrackerContext):
         self.fallback_path = Path(fallback_path)
         self.retry_interval_s = retry_interval_s
         self.run_id = run_id  # None until the run exists on the server
+        self.experiment_id: str | None = None  # known once this tracker created the run
         self.client = None
         self.tracker_id = uuid.uuid4().hex[:12]  # tags this tracker's lines in a fallback file shared by several
         self._seq = 0
@@ -187,6 +189,12 @@ class MLflowTracker(_TrackerContext):
                 self.fallback_path,
             )
 
+    def link(self) -> MlflowLink | None:
+        """Where this run's page opens in the MLflow UI (runs view); None until the run exists."""
+        if self.run_id is None or self.experiment_id is None:
+            return None
+        return mlflow_link(self.tracking_uri, self.experiment_id, self.run_id)
+
     @property
     def unsent(self) -> int:
         """How many calls are queued, not yet accepted by the server (all of them are in the fallback file)."""
@@ -213,8 +221,8 @@ class MLflowTracker(_TrackerContext):
             self.client = _make_client(self.tracking_uri)
         if self.run_id is None:
             location = local_artifact_root(self.tracking_uri, self.experiment)
-            experiment_id = _experiment_id(self.client, self.experiment, location)
-            run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
+            self.experiment_id = _experiment_id(self.client, self.experiment, location)
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
             self.run_id = run.info.run_id
 
     def _submit(self, entry: dict[str, Any]) -> None:
@@ -288,6 +296,8 @@ class MLflowTracker(_TrackerContext):
             client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(DATASET_CONTEXT_TAG, entry["context"])])])
         elif kind == "close":
             client.set_terminated(run_id, status=entry["status"])
+            if self.experiment_id is not None and is_server(self.tracking_uri):  # in place of MLflow's own line
+                print(f"MLflow run {self.run_name}: {self.link()}", flush=True)
 
     def _go_offline(self, exc: BaseException) -> None:
         self._retry_at = time.monotonic() + self.retry_interval_s
