@@ -258,8 +258,8 @@ def test_mixed_dataset_caches_the_good_video_and_reports_the_bad_ones(mixed_run)
     assert sorted(reasons) == sorted(f"skipped {mixed_run.input / name}" for name in MIXED_BAD)
     assert "truncated or damaged" in reasons[f"skipped {mixed_run.input / 'truncated.mp4'}"]
     assert "too large" in reasons[f"skipped {mixed_run.input / 'huge_16384x8192.mp4'}"]
-    entry = ["ok_00000-005_0064x0048_wan.safetensors", "ok_lora_moe.json", "ok_wan_te.safetensors"]
-    assert sorted(p.name for p in mixed_run.cache.iterdir()) == entry
+    entry = [".lora-moe-owner", "ok_00000-005_0064x0048_wan.safetensors", "ok_lora_moe.json", "ok_wan_te.safetensors"]
+    assert sorted(p.name for p in mixed_run.cache.iterdir()) == entry  # the one entry, and the cache's marker
 
 
 def test_caption_limits_are_inclusive_and_allow_tabs_and_line_breaks(tmp_path):

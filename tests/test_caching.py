@@ -14,6 +14,7 @@ from safetensors import safe_open
 from lora_moe_core.cli.main import main
 from lora_moe_core.data.latent_cache import read_cache
 from lora_moe_core.data.synth import generate_dataset
+from lora_moe_core.guards.owners import OWNER_FILE
 from lora_moe_core.storage.store import Storage
 
 CLIP = ["--target_frames", "17"]  # 64×48 clips of 17 frames: latents [16, 5, 6, 8]
@@ -115,7 +116,7 @@ def test_bad_videos_are_reported_skipped_and_fail_past_the_limit(dataset, tmp_pa
     for name in ("text.mp4", "truncated.mp4", "empty.mp4"):
         assert f"skipped {tmp_path / 'data' / 'videos' / name}" in report
     assert "1 up to date, 3 failed" in report  # the good video was cached by the failed run already
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [OWNER_FILE]  # no temporary file left
 
 
 def test_musubi_cache_is_reused_without_reencoding(cache, tmp_path, capsys):

@@ -158,9 +158,9 @@ def test_replay_without_a_uri_goes_to_the_run_folders_own_store(outage_run, caps
 
 # -- 2. tampered training state (--resume) ------------------------------------------------------------------------
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file of ``folder`` (link targets as text): what a refused resume must leave exactly as it was."""
-    return {path.name: (os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
-            for path in sorted(folder.iterdir())}  # fmt: skip
+    """Every file under ``folder`` (link targets as text): what a refused command must leave exactly as it was."""
+    return {str(path.relative_to(folder)): (os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+            for path in sorted(folder.rglob("*")) if path.is_symlink() or path.is_file()}  # fmt: skip
 
 
 def _run_with_saves(reference: Path, tmp_path: Path, edit=None, up_to: int = 3) -> Path:
@@ -365,3 +365,107 @@ def test_an_unexpected_failure_prints_its_traceback_without_the_secret(capsys, m
     err = capsys.readouterr().err
     assert "Traceback" in err and "ValueError: Invalid header value" in err and "***" in err
     assert not _leaks(err) and "second-line-77" not in err
+
+
+# -- 4. outputs that are, hold or sit among inputs; folders another command owns -----------------------------------
+def _model_files(root: Path) -> dict[str, Path]:
+    """Stand-ins for a user's model files and folder (never loaded: every check runs before a model loads)."""
+    folder = root / "Wan2.2-T2V-A14B-Diffusers"
+    (folder / "vae").mkdir(parents=True)
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"vae weights")
+    files = {"vae": root / "Wan2.1_VAE.pth", "t5": root / "models_t5_umt5-xxl-enc-bf16.pth", "model": folder}
+    for name in ("vae", "t5"):
+        files[name].write_bytes(f"{name} weights".encode())
+    return files
+
+
+@pytest.mark.parametrize("target", ["the vae file", "the t5 file", "inside the model folder", "a symlink to the vae",
+                                    "a hard link to the t5"])  # fmt: skip
+def test_infer_never_writes_over_a_model_file(target, tmp_path, capsys) -> None:
+    files = _model_files(tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    output = {"the vae file": files["vae"], "the t5 file": files["t5"],
+              "inside the model folder": files["model"] / "vae" / "diffusion_pytorch_model.safetensors",
+              "a symlink to the vae": tmp_path / "out.mp4",
+              "a hard link to the t5": tmp_path / "out.mp4"}[target]  # fmt: skip
+    if target == "a symlink to the vae":
+        output.symlink_to(files["vae"])
+    elif target == "a hard link to the t5":
+        os.link(files["t5"], output)
+    argv = ["infer", "--task", "tiny", "--prompt", "电凝钩切割组织", "--model", str(files["model"]), "--vae",
+            str(files["vae"]), "--t5", str(files["t5"]), "--output_path", str(output)]  # fmt: skip
+    err = _one_error(capsys, argv)
+    assert "infer: output" in err and ("would overwrite the input" in err or "lies inside the input folder" in err)
+    assert {path: path.read_bytes() for path in before} == before
+    assert not list(tmp_path.rglob("*.gates.json"))
+
+
+def test_stage3_refuses_a_run_folder_that_holds_its_input_checkpoint(tiny_cache, reference, tmp_path, capsys):
+    run = tmp_path / "stage_b"
+    run.mkdir()
+    checkpoint = run / "lora_moe_final.safetensors"
+    shutil.copy(reference / "lora_moe_final.safetensors", checkpoint)
+    before = _snapshot(run)
+    argv = ["train", "--config", str(DEMO / "lora_moe_stage_b_merged.toml"), "--cache", tiny_cache,
+            "--training_stage", "stage_c", "--lora_moe_weights", str(checkpoint), "--output_dir", str(run),
+            "--max_train_steps", "1"]  # fmt: skip
+    err = _one_error(capsys, argv)
+    assert f"train: output folder {run} holds the input {checkpoint}" in err
+    assert _snapshot(run) == before
+    argv[argv.index(str(run))] = str(tmp_path / "stage_c")  # its own folder: trains
+    assert main(argv) == 0 and _snapshot(run) == before
+
+
+def test_synth_data_never_replaces_a_users_dataset(tmp_path, capsys) -> None:
+    dataset = tmp_path / "surgery"
+    (dataset / "videos").mkdir(parents=True)
+    (dataset / "videos" / "clip_0000.mp4").write_bytes(b"the user's recording")
+    (dataset / "manifest.jsonl").write_text('{"video_path": "videos/clip_0000.mp4", "caption": "电凝钩"}\n')
+    before = _snapshot(dataset)
+    argv = ["synth-data", "--output", str(dataset), "--num_videos", "2", "--width", "64", "--height", "48",
+            "--num_frames", "5"]  # fmt: skip
+    err = _one_error(capsys, argv)
+    assert "not a folder this command wrote" in err and "pass --overwrite" in err
+    assert _snapshot(dataset) == before and before["videos/clip_0000.mp4"] == b"the user's recording"
+    own = tmp_path / "synthetic"
+    assert main([*argv[:2], str(own), *argv[3:]]) == 0
+    assert main([*argv[:2], str(own), *argv[3:]]) == 0  # its own folder: rewritten as before
+    assert main([*argv, "--overwrite"]) == 0  # the user said so
+    assert (
+        "clip_0000.mp4" in _snapshot(dataset / "videos")
+        and b"the user's recording" not in _snapshot(dataset / "videos").values()
+    )
+
+
+def test_cache_never_writes_into_its_dataset_or_another_commands_folder(tiny_cache, tmp_path, capsys) -> None:
+    from lora_moe_core.data.synth import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(data, 2, width=64, height=48, num_frames=5)
+    before = _snapshot(data)
+    base = ["cache", "--task", "tiny", "--target_frames", "5"]
+    err = _one_error(capsys, [*base, "--dataset", str(data), "--output", str(data)])
+    assert f"cache: output folder {data} holds the input" in err
+    err = _one_error(capsys, [*base, "--dataset", str(data / "manifest.jsonl"), "--output", str(data / "videos")])
+    assert "holds the input" in err and "clip_0000.mp4" in err
+    other = tmp_path / "other"
+    generate_dataset(other, 1, width=64, height=48, num_frames=5)
+    err = _one_error(capsys, [*base, "--dataset", str(data), "--output", str(other)])
+    assert "`lora-moe synth-data`'s output" in err and "pass --overwrite" in err
+    assert _snapshot(data) == before
+    musubi = tmp_path / "musubi"
+    shutil.copytree(tiny_cache, musubi)
+    cached = _snapshot(musubi)
+    err = _one_error(capsys, ["cache", "--task", "tiny", "--dataset", str(musubi), "--output", str(musubi)])
+    assert f"cache: output folder {musubi} holds the input {musubi}" in err
+    assert _snapshot(musubi) == cached
+
+
+def test_train_classifier_never_writes_into_its_cache(tiny_cache, tmp_path, capsys) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    before = _snapshot(cache)
+    victim = next(name for name in before if name.endswith("_wan.safetensors"))
+    err = _one_error(capsys, ["train-classifier", "--cache", str(cache), "--output", str(cache / victim)])
+    assert f"train-classifier: output {cache / victim} lies inside the input folder {cache}" in err
+    assert _snapshot(cache) == before

@@ -14,6 +14,7 @@ from lora_moe_core.data.synth import generate_dataset, make_caption
 from lora_moe_core.data.vocabulary import Vocabulary
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.guards.owners import OWNER_FILE, owner_of
 
 W, H, T, FPS, N = 96, 64, 9, 16, 6
 FIELDS = {"video_path", "caption", "roi", "instruments", "width", "height", "num_frames", "fps"}
@@ -46,7 +47,9 @@ def test_files_and_manifest_fields(dataset):
         assert row["video_path"].startswith("videos/") and video.is_file()
         assert video.with_suffix(".txt").read_text(encoding="utf-8") == row["caption"]
         assert row["instruments"] == [f for f in FAMILIES if f in row["instruments"]] and row["instruments"]
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temp files left behind"
+    hidden = [p.relative_to(out) for p in out.rglob("*") if p.name.startswith(".")]
+    assert hidden == [Path(OWNER_FILE)], "temp files left behind"  # only the marker that synth-data owns it
+    assert owner_of(out) == "synth-data"
     text = (out / "manifest.jsonl").read_text(encoding="utf-8")
     assert "\\u" not in text and not text.isascii()  # Chinese captions stored readable (ensure_ascii=False)
 
@@ -206,6 +209,6 @@ def test_bad_input_raises_one_line_user_error(tmp_path, kwargs, message):
 def test_unwritable_output_dir_raises_user_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(UserError, match="cannot write") as info:
+    with pytest.raises(UserError, match="cannot create .*/file/out: Not a directory") as info:
         generate_dataset(blocker / "out", 1, width=64, height=48, num_frames=5)
     assert "\n" not in str(info.value)

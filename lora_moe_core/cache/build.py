@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from lora_moe_core.cache.writer import CacheReport, CacheSettings
 from lora_moe_core.data.dataset import Dataset
 from lora_moe_core.errors import UserError
-from lora_moe_core.guards.files import removed_on_failure
+from lora_moe_core.guards.files import refuse_clobber
+from lora_moe_core.guards.owners import check_owned, owned_output
+from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.storage.store import Storage
 
 
@@ -47,11 +49,14 @@ def cache_dataset(
     target_frames: Sequence[int] | None = None,
     resolution: tuple[int, int] | None = None,
     storage: Storage | None = None,
+    overwrite: bool = False,
 ) -> CacheOutcome:
     """Encode every ``shard[1]``-th clip from ``shard[0]`` of a dataset into the latent cache at ``output``.
 
     A musubi cache folder as ``dataset_uri`` is imported without re-encoding. ``labels_uri`` is the step-1
     ``labels.jsonl`` (default: label the captions now); ``target_frames``/``resolution`` override the dataset's.
+    A local ``output`` must be new, empty or a cache folder before, unless ``overwrite``; it may not hold (or be)
+    an input.
 
     Raises:
         UserError: labels for another dataset, an unreachable output bucket, too many undecodable videos.
@@ -64,9 +69,17 @@ def cache_dataset(
     from lora_moe_core.storage.store import is_s3
 
     storage = storage or Storage()
+    model_files, model_folders = ModelSource.of(settings.model).local_inputs()
     if is_musubi_cache(dataset_uri, storage):
-        return CacheOutcome(import_musubi_cache(dataset_uri, output, settings, storage), reused_musubi=True)
+        refuse_clobber([], model_files, "cache", output_folders=[output], input_folders=[dataset_uri, *model_folders])
+        with _output_folder(output, overwrite):
+            report = import_musubi_cache(dataset_uri, output, settings, storage)
+        return CacheOutcome(report, reused_musubi=True)
     dataset = load_dataset(dataset_uri, storage)
+    refuse_clobber([], [*dataset.input_files(), labels_uri, *model_files], "cache", output_folders=[output],
+                   input_folders=model_folders)  # fmt: skip
+    if not is_s3(output):
+        check_owned(output, "cache", overwrite)  # before the encoders load
     if target_frames or resolution:
         dataset.options.target_frames = list(target_frames or dataset.options.target_frames)
         dataset.options.resolution = tuple(resolution or dataset.options.resolution)
@@ -82,6 +95,13 @@ def cache_dataset(
     if is_s3(output):
         storage.list(output)  # a missing bucket or a denied key fails now, not once per encoded video
     cacher = LatentCacher(load_encoders(settings.task, settings.model), settings, output, storage)
-    # a failed run that published nothing (every video bad) leaves no empty cache folder behind
-    with contextlib.nullcontext() if is_s3(output) else removed_on_failure(output, keep_files=True):
+    with _output_folder(output, overwrite):
         return CacheOutcome(cacher.run(dataset, labels, shard), reused_musubi=False)
+
+
+def _output_folder(output: str, overwrite: bool):
+    """A local cache folder is the ``cache`` command's own (:mod:`~lora_moe_core.guards.owners`); a failed run that
+    published nothing (every video bad) leaves no empty folder behind, one that published entries keeps them."""
+    from lora_moe_core.storage.store import is_s3
+
+    return contextlib.nullcontext() if is_s3(output) else owned_output(output, "cache", overwrite, keep_files=True)

@@ -7,12 +7,15 @@ import argparse
 from lora_moe_core.defaults import DEFAULT_TASK, TASK_NAMES
 from lora_moe_core.model.sources import add_model_flags
 
+OVERWRITE_HELP = ("write into a non-empty --output folder that this command did not write (default: refused, so "
+                  "that a dataset or another command's output is never replaced)")  # fmt: skip
+
 
 def _synth_data(args: argparse.Namespace) -> int:
     from lora_moe_core.data.synth import generate_dataset
 
     records = generate_dataset(args.output, args.num_videos, seed=args.seed, width=args.width, height=args.height,
-                               num_frames=args.num_frames)  # fmt: skip
+                               num_frames=args.num_frames, overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {len(records)} clips, {args.output}/manifest.jsonl and {args.output}/dataset.toml")
     return 0
 
@@ -43,15 +46,17 @@ def _cache(args: argparse.Namespace) -> int:
                              max_bad_fraction=args.max_bad_fraction)  # fmt: skip
     resolution = tuple(args.resolution) if args.resolution else None
     outcome = cache_dataset(args.dataset, args.output, settings, args.labels, args.shard, args.target_frames,
-                            resolution)  # fmt: skip
+                            resolution, overwrite=args.overwrite)  # fmt: skip
     print(outcome.line(args.dataset, args.output))
     return 0
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
     from lora_moe_core.data.latent_cache import read_cache
+    from lora_moe_core.guards.files import refuse_clobber
     from lora_moe_core.model.classifier import save_classifier, train_classifier
 
+    refuse_clobber([args.output], [], "train-classifier", input_folders=[args.cache])
     model, report = train_classifier(read_cache(args.cache), epochs=args.epochs,
                                      held_out_fraction=args.held_out_fraction, seed=args.seed)  # fmt: skip
     save_classifier(model, args.output, report)
@@ -68,6 +73,7 @@ def add_data_commands(commands) -> None:
     synth.add_argument("--width", type=int, default=128, help="frame width (multiple of 16)")
     synth.add_argument("--height", type=int, default=96, help="frame height (multiple of 16)")
     synth.add_argument("--num_frames", type=int, default=33, help="frames per clip (4k+1)")
+    synth.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     synth.set_defaults(handler=_synth_data)
 
     label = commands.add_parser("label", help="label captions into Scissors/Hook/Suction/Other by keywords")
@@ -101,6 +107,7 @@ def add_data_commands(commands) -> None:
     )
     cache.add_argument("--target_frames", type=int, nargs="+", help="override the dataset's target_frames (4k+1)")
     cache.add_argument("--resolution", type=int, nargs=2, metavar=("W", "H"), help="override the bucket resolution")
+    cache.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     cache.set_defaults(handler=_cache)
 
     classifier = commands.add_parser("train-classifier", help="train the instrument classifier on cached latents")

@@ -34,6 +34,7 @@ from lora_moe_core.data.synth_render import render_clip  # re-exported: models.p
 from lora_moe_core.data.vocabulary import Vocabulary
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.guards.owners import owned_output
 
 TWO_INSTRUMENT_SHARE = 0.3  # share of clips that show two different families
 _CLIP_NAME = re.compile(r"^\.?clip_\d+\.(mp4|txt)(\.part)?$")  # ours, incl. temp files of a killed run
@@ -128,6 +129,7 @@ def generate_dataset(
     progress: Callable[[int, int], None] | None = None,
     render: Callable = render_clip,
     two_instrument_share: float = TWO_INSTRUMENT_SHARE,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Write ``num_videos`` synthetic clips, their captions, ``dataset.toml`` and ``manifest.jsonl``.
 
@@ -139,35 +141,40 @@ def generate_dataset(
     ``render`` draws a clip (``render_clip``'s signature; :mod:`synth_families` passes its own) and
     ``two_instrument_share`` is the share of clips showing two families.
 
-    Raises UserError (one line) for bad sizes or counts and for an unwritable ``output_dir``.
+    ``output_dir`` must be new, empty or written by ``synth-data`` before, unless ``overwrite``
+    (:mod:`lora_moe_core.guards.owners`).
+
+    Raises UserError (one line) for bad sizes or counts, a folder that holds other files, an unwritable
+    ``output_dir``.
     """
     _validate(num_videos, seed, width, height, num_frames, fps)
-    out, videos = _prepare_output(output_dir)
-    vocab = Vocabulary.from_builtin()
-    digits = max(4, len(str(num_videos - 1)))
-    records = []
-    for i, (primary, english) in enumerate(_plan_dataset(seed, num_videos)):
-        rng = np.random.default_rng([seed, 1, i])  # per clip: clip i is the same whatever num_videos is
-        chosen = {primary}
-        if rng.random() < two_instrument_share:
-            chosen.add(str(rng.choice([f for f in FAMILIES if f != primary])))
-        families = [f for f in FAMILIES if f in chosen]
-        caption = make_caption(families, rng, english=english)
-        labelled = vocab.match(caption).families
-        if labelled != families:  # a template bug, not a user error: fail loudly
-            raise AssertionError(f"synthetic caption {caption!r} labels as {labelled}, expected {families}")
-        frames, roi = render(rng, families, width, height, num_frames, fps)
-        stem = f"clip_{i:0{digits}d}"
-        _write_text(videos / f"{stem}.txt", caption)  # caption first: an orphan caption is harmless
-        write_mp4(videos / f"{stem}.mp4", frames, fps)
-        records.append({"video_path": f"videos/{stem}.mp4", "caption": caption, "roi": roi, "instruments": families,
-                        "width": width, "height": height, "num_frames": num_frames, "fps": fps})  # fmt: skip
-        if progress is not None:
-            progress(i + 1, num_videos)
-    keep = {Path(r["video_path"]).name for r in records} | {Path(r["video_path"]).stem + ".txt" for r in records}
-    for stale in videos.iterdir():
-        if _CLIP_NAME.match(stale.name) and stale.name not in keep:
-            stale.unlink()
-    _write_text(out / "dataset.toml", _dataset_toml(width, height, num_frames, fps))
-    _write_text(out / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return records
+    with owned_output(output_dir, "synth-data", overwrite):  # never over a user's dataset
+        out, videos = _prepare_output(output_dir)
+        vocab = Vocabulary.from_builtin()
+        digits = max(4, len(str(num_videos - 1)))
+        records = []
+        for i, (primary, english) in enumerate(_plan_dataset(seed, num_videos)):
+            rng = np.random.default_rng([seed, 1, i])  # per clip: clip i is the same whatever num_videos is
+            chosen = {primary}
+            if rng.random() < two_instrument_share:
+                chosen.add(str(rng.choice([f for f in FAMILIES if f != primary])))
+            families = [f for f in FAMILIES if f in chosen]
+            caption = make_caption(families, rng, english=english)
+            labelled = vocab.match(caption).families
+            if labelled != families:  # a template bug, not a user error: fail loudly
+                raise AssertionError(f"synthetic caption {caption!r} labels as {labelled}, expected {families}")
+            frames, roi = render(rng, families, width, height, num_frames, fps)
+            stem = f"clip_{i:0{digits}d}"
+            _write_text(videos / f"{stem}.txt", caption)  # caption first: an orphan caption is harmless
+            write_mp4(videos / f"{stem}.mp4", frames, fps)
+            records.append({"video_path": f"videos/{stem}.mp4", "caption": caption, "roi": roi, "instruments": families,
+                            "width": width, "height": height, "num_frames": num_frames, "fps": fps})  # fmt: skip
+            if progress is not None:
+                progress(i + 1, num_videos)
+        keep = {Path(r["video_path"]).name for r in records} | {Path(r["video_path"]).stem + ".txt" for r in records}
+        for stale in videos.iterdir():
+            if _CLIP_NAME.match(stale.name) and stale.name not in keep:
+                stale.unlink()
+        _write_text(out / "dataset.toml", _dataset_toml(width, height, num_frames, fps))
+        _write_text(out / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        return records

@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 
 from lora_moe_core.errors import UserError
 
@@ -130,33 +130,60 @@ def _resolved(path: str | os.PathLike[str]) -> Path | None:
         return None
 
 
-def _same(output: Path, source: Path) -> bool:
+def _same(output: PurePath, source: PurePath) -> bool:
     if output == source:
         return True
+    if not isinstance(output, Path) or not isinstance(source, Path):
+        return False
     try:  # hard links and bind mounts: the same inode under another name
         return output.exists() and source.exists() and os.path.samefile(output, source)
     except OSError:
         return False
 
 
+def _local(paths: Iterable[str | os.PathLike[str] | None]) -> list[tuple[str, PurePath]]:
+    """``(as given, resolved)`` for ``paths`` (None and empty skipped); an ``s3://`` URI as a pure path of its
+    bucket and key, so that a prefix and the objects under it compare as folders and files do."""
+    found: list[tuple[str, PurePath]] = []
+    for raw in paths:
+        text = os.fspath(raw) if raw else ""
+        if text.startswith("s3://"):
+            found.append((text, PurePosixPath("/s3", text[len("s3://") :].strip("/"))))
+        elif text and (path := _resolved(text)) is not None:
+            found.append((text, path))
+    return found
+
+
 def refuse_clobber(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str] | None],
-                   command: str) -> None:  # fmt: skip
-    """Refuse a run whose output files (or folders) would overwrite or hold one of its input files.
+                   command: str, *, output_folders: Iterable[str | os.PathLike[str] | None] = (),
+                   input_folders: Iterable[str | os.PathLike[str] | None] = ()) -> None:  # fmt: skip
+    """Refuse a run whose outputs would overwrite, replace or sit among its inputs; every input of the command,
+    model files and folders included, is named here. Paths are resolved (symlinks) and hard links compared.
 
     Args:
-        outputs: the files a command will write, and folders it will write into (a folder counts as the
-            clobbering of any input inside it only when the command names the file: pass the files).
+        outputs: the files a command will write.
         inputs: the files the command reads (None entries and ``s3://`` URIs are skipped).
         command: the command's name for the message, e.g. ``infer``.
+        output_folders: folders the command writes into or replaces: none may be, hold, or lie inside an input.
+        input_folders: folders read as a whole (a diffusers model folder, a latent cache): no output may be one
+            or lie inside one.
 
     Raises:
         UserError: naming the output and the input it would destroy.
     """
-    sources = [(raw, path) for raw in inputs if raw is not None and (path := _resolved(raw)) is not None]
-    for output in outputs:
-        target = _resolved(output)
-        if target is None:
-            continue
-        for raw, source in sources:
+    files, folders = _local(inputs), _local(input_folders)
+    for output, target in _local(outputs):
+        for raw, source in files:
             if _same(target, source):
                 raise UserError(f"{command}: output {output} would overwrite the input {raw}; write elsewhere")
+        for raw, source in folders:
+            if target.is_relative_to(source) or _same(target, source):
+                raise UserError(f"{command}: output {output} lies inside the input folder {raw}; write elsewhere")
+    for output, target in _local(output_folders):
+        for raw, source in [*files, *folders]:
+            if source.is_relative_to(target) or _same(target, source):
+                raise UserError(f"{command}: output folder {output} holds the input {raw}; write elsewhere")
+        for raw, source in folders:
+            if target.is_relative_to(source):
+                raise UserError(f"{command}: output folder {output} lies inside the input folder {raw}; write "
+                                "elsewhere")  # fmt: skip

@@ -111,6 +111,7 @@ def plan_jobs(args: Any) -> list[Job]:
     from lora_moe_core.guards.numbers import check_int
     from lora_moe_core.guards.text import check_text
     from lora_moe_core.inference.request import MAX_SEED
+    from lora_moe_core.model.sources import ModelSource
 
     if sum(source is not None for source in (args.prompt, args.prompts_file, args.prompts)) != 1:
         raise UserError("give exactly one of --prompt and --prompts_file")
@@ -124,8 +125,10 @@ def plan_jobs(args: Any) -> list[Job]:
         jobs = [template]
     outputs = [job.output_path.resolve() for job in jobs]
     written = [path for job in jobs for path in (job.output_path, job.output_path.with_suffix(".gates.json"))]
-    inputs = [args.lora_moe_weights, args.prompts_file, args.classifier_weights, *(job.reference_video for job in jobs)]
-    refuse_clobber(written, inputs, "infer")
+    model_files, model_folders = ModelSource.of(args).local_inputs()
+    inputs = [args.lora_moe_weights, args.prompts_file, args.classifier_weights, *model_files,
+              *(job.reference_video for job in jobs)]  # fmt: skip
+    refuse_clobber(written, inputs, "infer", input_folders=model_folders)
     if len(set(outputs)) != len(outputs):
         raise UserError(f"two prompts write the same video {next(o for o in outputs if outputs.count(o) > 1)}")
     where = args.prompts_file or ("prompts" if args.prompts is not None else "--prompt")

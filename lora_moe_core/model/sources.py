@@ -65,6 +65,10 @@ class ModelSource:
         every given part."""
         return self.model if not any(getattr(self, flag) for flag in FILE_FLAGS) else self.describe()
 
+    def local_inputs(self) -> tuple[list[str], list[str]]:
+        """``(files, folders)`` this source reads from (for the guard that outputs never overwrite inputs)."""
+        return [path for flag in FILE_FLAGS if (path := getattr(self, flag))], [self.model] if self.model else []
+
     @property
     def empty(self) -> bool:
         """Nothing given: only ``tiny`` can build its parts."""

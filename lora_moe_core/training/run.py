@@ -63,6 +63,7 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     training = config.training
     if not training.cache:
         raise UserError("no latent cache given: pass --cache DIR|s3://… (made by `lora-moe cache`)")
+    refuse_inputs_in_run_folder(config)
     torch.manual_seed(training.seed)
     entries = read_cache(training.cache)
     _check_entries(config, entries)
@@ -105,6 +106,19 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
             print(_epoch_line(record))
         print(f"wrote {final}")
     return final
+
+
+def refuse_inputs_in_run_folder(config: Config) -> None:
+    """The run folder receives checkpoints of fixed names (Stage 3 writes the same ``lora_moe_final`` a Stage-2
+    run did): none of the run's inputs may live in it, or be it, before anything is loaded."""
+    from lora_moe_core.guards.files import refuse_clobber
+    from lora_moe_core.model.sources import ModelSource
+
+    model_files, model_folders = ModelSource.of(config.model).local_inputs()
+    moe = config.lora_moe
+    inputs = [moe.base_lora_weights, moe.lora_moe_weights, config.loss.classifier_weights, *model_files]
+    refuse_clobber([], inputs, "train", output_folders=[config.training.output_dir],
+                   input_folders=[config.training.cache, *model_folders])  # fmt: skip
 
 
 def prepare_recipe(config: Config, dits, device: torch.device, entries: list[CacheEntry],
