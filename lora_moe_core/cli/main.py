@@ -27,7 +27,7 @@ from lora_moe_core.defaults import (
     TASK_NAMES,
     torch_dtype,
 )
-from lora_moe_core.errors import EXIT_USER_ERROR, UserError
+from lora_moe_core.errors import EXIT_USER_ERROR, UserError, one_line
 from lora_moe_core.families import FAMILIES, family
 from lora_moe_core.model.sources import add_model_flags
 
@@ -38,7 +38,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"error: {message} (see '{self.prog} --help')\n")
+        # an unknown flag or a bad choice is quoted: escaped like every UserError message (no ANSI, one line)
+        self.exit(EXIT_USER_ERROR, f"error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
 # -- config flags ---------------------------------------------------------------------------------------------
