@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.urls import check_http_url
 
 PROBE_TIMEOUT_S = 5.0
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -52,17 +53,7 @@ class Connection:
                 "KFP host holds credentials (user:password@): set KFP_TOKEN or KFP_COOKIES and give only the "
                 f"address after the '@' ({host.rpartition('@')[2]})"
             )
-        try:  # urlsplit raises ValueError on an unclosed IPv6 bracket ('http://[::1')
-            parts = urllib.parse.urlsplit(host)
-            hostname = parts.hostname
-        except ValueError:
-            raise UserError(f"KFP host {host!r} must look like http(s)://host[:port][/path]") from None
-        if parts.scheme not in ("http", "https") or not hostname or any(not c.isprintable() for c in host):
-            raise UserError(f"KFP host {host!r} must look like http(s)://host[:port][/path]")
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise UserError(f"KFP host {host!r} has an invalid port") from None
+        check_http_url(host, "KFP host")  # an unclosed '[', a bad port, a space in the path: one line here
         sa_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
         return cls(
             host=host.rstrip("/"),

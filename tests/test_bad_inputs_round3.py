@@ -13,6 +13,7 @@ import pytest
 
 from lora_moe_core.errors import MAX_WORD_CHARS, UserError, one_line
 from tests.test_bad_inputs import Argv, Case, check_case, mixed_run  # noqa: F401
+from tests.test_bad_inputs_round2 import _cache, _checkpoint
 
 
 def _write(name: str, text: str):
@@ -62,6 +63,74 @@ CASES = [
     _config("config-cr-in-section-name", '["train\\ring"]\nx = 1\n', "unknown config key 'train ing'"),
 ]
 # fmt: on
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "lora-moe", "AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
+NO_KFP = {"KFP_HOST": "", "KF_PIPELINES_ENDPOINT": "", "KFP_TOKEN": "", "KFP_COOKIES": ""}
+
+
+def _s3_label(case_id: str, endpoint: str, *words: str) -> tuple[Case, dict[str, str]]:
+    argv: Argv = lambda src, out: ["label", "--dataset", "s3://lora-moe-data/videos", "--output",
+                                   str(out / "labels.jsonl")]  # fmt: skip
+    return Case(case_id, argv, ("S3_ENDPOINT_URL", *words), "labels.jsonl"), {"S3_ENDPOINT_URL": endpoint, **S3_KEYS}
+
+
+def _submit(case_id: str, host: str | None, *words: str, env_host: str = "") -> tuple[Case, dict[str, str]]:
+    argv: Argv = lambda src, out: ["pipeline", "submit", *(["--host", host] if host else [])]
+    return Case(case_id, argv, ("KFP host", *words), "unused.txt"), {**NO_KFP, "KFP_HOST": env_host}
+
+
+def _tracked(case_id: str, uri: str, *words: str, command: str = "register") -> tuple[Case, dict[str, str]]:
+    """``register`` (or ``train``) with ``MLFLOW_TRACKING_URI`` set to ``uri``: refused before a run starts."""
+    if command == "register":
+        argv: Argv = lambda src, out: ["register", "--lora_moe_weights", str(src / "Hook.safetensors"), "--work_dir",
+                                       str(out / "work")]  # fmt: skip
+        prepare = lambda src: _checkpoint(src / "Hook.safetensors")  # noqa: E731
+    else:
+        argv = lambda src, out: ["train", "--task", "tiny", "--cache", str(src / "cache"), "--output_dir", str(out)]
+        prepare = _cache()
+    case = Case(case_id, argv, ("MLFLOW_TRACKING_URI", *words), "unused.txt", prepare)
+    return case, {"MLFLOW_TRACKING_URI": uri}
+
+
+UNCLOSED = "unclosed '[' of an IPv6 address"
+PORT = "port out of range (1-65535)"
+
+# fmt: off
+ENV_CASES = [
+    # 4. endpoints and URIs: one line before anything connects (no retries, no urllib traceback)
+    _s3_label("s3-endpoint-unclosed-ipv6", "http://[::1", UNCLOSED),
+    _s3_label("s3-endpoint-port-99999", "http://minio:99999", PORT),
+    _s3_label("s3-endpoint-port-not-a-number", "http://minio:9x00", "not a number"),
+    _s3_label("s3-endpoint-space", "http://mi nio:9000", "holds a space at character 9"),
+    _s3_label("s3-endpoint-ansi", "http://minio\x1b[2J:9000", "U+001B"),
+    _tracked("mlflow-unknown-scheme", "foo://bar", "unknown scheme 'foo'"),
+    _tracked("mlflow-unknown-scheme-train", "mlfow://typo:5000", "unknown scheme 'mlfow'", command="train"),
+    _tracked("mlflow-port-out-of-range", "http://mlflow:70000", PORT),
+    _tracked("mlflow-unclosed-ipv6", "http://[fe80::1", UNCLOSED),
+    _submit("kfp-host-path-space", "http://localhost:8080/pipe line", "holds a space at character 26"),
+    _submit("kfp-host-name-space", "http://local host:8080", "holds a space"),
+    _submit("kfp-host-port-99999", "http://localhost:99999", PORT),
+    _submit("kfp-host-env-unclosed-ipv6", None, UNCLOSED, "'http://[::1'", env_host="http://[::1"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("case", "env"), ENV_CASES, ids=[case.id for case, _ in ENV_CASES])
+def test_bad_environment_round_three(case, env, tmp_path, monkeypatch, capsys, caplog, request, mixed_run):  # noqa: F811
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    check_case(case, tmp_path, monkeypatch, capsys, caplog, request, mixed_run)
+
+
+def test_pipeline_settings_refuse_bad_endpoints(capsys, tmp_path):
+    from tests.helpers import assert_one_line_error
+
+    bad = (("--s3_endpoint_url", "http://[::1", ("S3 endpoint", UNCLOSED)),
+           ("--mlflow_tracking_uri", "http://mlflow:5000000", ("MLflow tracking URI", PORT)))  # fmt: skip
+    for flag, url, words in bad:
+        assert_one_line_error(capsys, ["pipeline", "compile", flag, url, "--output_dir", str(tmp_path / "y")], *words)
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

@@ -57,10 +57,12 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     from lora_moe_core.model.loading import load_dits
     from lora_moe_core.model.sources import ModelSource
     from lora_moe_core.tracking.datasets import cache_dataset_ref
+    from lora_moe_core.tracking.mlflow_client import resolve_tracking_uri
     from lora_moe_core.tracking.system import SystemMetricsTracker
     from lora_moe_core.tracking.tracker import NullTracker, start_tracker
 
     training = config.training
+    resolve_tracking_uri(None, training.output_dir)  # a garbage MLFLOW_TRACKING_URI fails now, not after loading
     if not training.cache:
         raise UserError("no latent cache given: pass --cache DIR|s3://… (made by `lora-moe cache`)")
     torch.manual_seed(training.seed)
