@@ -64,9 +64,10 @@ class UserError(Exception):
 def disk_full_reason(exc: BaseException) -> str | None:
     """The full-disk condition behind a failed write, or None when ``exc`` is another error.
 
-    Understands ``OSError`` and safetensors' ``SafetensorError``, whose Rust writer reports "... (os error 28)".
+    Understands ``OSError``, safetensors' ``SafetensorError``, whose Rust writer reports "... (os error 28)", and
+    errors that carry no errno but say "[Errno 27]" (PyAV's, wrapped by its muxer).
     """
     code = getattr(exc, "errno", None)
-    if code is None and (found := re.search(r"\(os error (\d+)\)", str(exc))):
-        code = int(found[1])
+    if code is None and (found := re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(exc))):
+        code = int(found[1] or found[2])
     return DISK_FULL.get(code)

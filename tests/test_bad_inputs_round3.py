@@ -6,6 +6,7 @@ failed commands that left folders. Cases run through the sandbox of ``test_bad_i
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -60,6 +61,17 @@ CASES = [
     _config("config-ansi-in-unknown-key", '[training]\n"x\\u001b[31mred\\u001b[0m" = 1\n',
             "unknown config key 'training.x\\x1b[31mred\\x1b[0m'"),
     _config("config-bidi-in-unknown-key", '[training]\n"rate\\u202eetar" = 1\n', "'training.rate\\u202eetar'"),
+    # 5. pipeline parameters: bounded like every JSON we read; cron digits are ASCII
+    Case("run-param-deep-json", lambda src, out: ["pipeline", "run", "--output_dir", str(out / "run"), "--param",
+         "clips=" + "[" * 100_000], ("--param clips", "nested deeper than 64"), "unused.txt"),
+    Case("run-param-5000-digits", lambda src, out: ["pipeline", "run", "--output_dir", str(out / "run"), "--param",
+         "clips=" + "9" * 5000], ("--param clips", "5000 digits"), "unused.txt"),
+    Case("submit-param-deep-json", lambda src, out: ["pipeline", "submit", "--host", "http://127.0.0.1:9",
+         "--param", "x=" + "{\"a\":" * 1000], ("--param x", "nested deeper"), "unused.txt"),
+    Case("schedule-cron-superscript", lambda src, out: ["pipeline", "schedule", "--cron", "0 0 \u00b3 * * *",
+         "--job_name", "nightly"], ("bad hour field", "\u00b3"), "unused.txt"),
+    Case("schedule-cron-arabic-digit", lambda src, out: ["pipeline", "schedule", "--cron", "0 0 3 * * */\u0662",
+         "--job_name", "nightly"], ("bad day of week field",), "unused.txt"),
     _config("config-cr-in-section-name", '["train\\ring"]\nx = 1\n', "unknown config key 'train ing'"),
 ]
 # fmt: on
@@ -160,3 +172,129 @@ def test_unknown_flag_is_echoed_escaped(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "unrecognized arguments: --x\\x1b[2J\\u202e" in err and "\x1b" not in err
+
+
+# -- 9. output places: a file where a folder should be, a read-only folder, a full disk ---------------------------
+def _into_file(case_id: str, make_argv, *words: str, prepare=None) -> Case:
+    """A command whose output folder is ``out/earlier.txt``, a regular file an earlier run left (kept intact)."""
+    argv: Argv = lambda src, out: make_argv(src, out / "earlier.txt")
+    return Case(case_id, argv, ("earlier.txt", *words), "earlier.txt", prepare)
+
+
+FILE = "it is a file, not a folder"
+PARENT_FILE = "earlier.txt is a file, not a folder"
+
+# fmt: off
+OUTPUT_CASES = [
+    _into_file("train-output-dir-is-a-file", lambda src, o: ["train", "--task", "tiny", "--cache", str(src / "cache"),
+               "--no-use_base_lora", "--output_dir", str(o)], "output_dir", FILE, prepare=_cache()),
+    _into_file("cache-output-is-a-file", lambda src, o: ["cache", "--dataset", str(src / "ok.jsonl"), "--task", "tiny",
+               "--output", str(o)], "cache folder", FILE),
+    _into_file("cache-output-under-a-file", lambda src, o: ["cache", "--dataset", str(src / "ok.jsonl"), "--task",
+               "tiny", "--output", str(o / "cache")], PARENT_FILE),
+    _into_file("evaluate-output-under-a-file", lambda src, o: ["evaluate", "--task", "tiny", "--lora_moe_weights",
+               str(src / "Hook.safetensors"), "--cache", str(src / "cache"), "--output_dir", str(o / "eval"),
+               "--samples_per_family", "0"], PARENT_FILE,
+               prepare=lambda src: (_cache()(src), _checkpoint(src / "Hook.safetensors"))),
+    _into_file("export-output-dir-is-a-file", lambda src, o: ["export", "--lora_moe_weights",
+               str(src / "Hook.safetensors"), "--instrument_hint", "Hook", "--output_dir", str(o)], "cannot create",
+               FILE, prepare=lambda src: _checkpoint(src / "Hook.safetensors")),
+    _into_file("label-output-under-a-file", lambda src, o: ["label", "--dataset", str(src / "ok.jsonl"), "--output",
+               str(o / "labels.jsonl")], "labels.jsonl", FILE),
+    _into_file("infer-output-under-a-file", lambda src, o: ["infer", "--task", "tiny", "--prompt", "hook",
+               "--output_path", str(o / "video.mp4")], "video.mp4", FILE),
+    _into_file("demo-output-dir-is-a-file", lambda src, o: ["demo", "--output_dir", str(o)], "output_dir", FILE),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES, ids=[case.id for case in OUTPUT_CASES])
+def test_output_place_round_three(case, tmp_path, monkeypatch, capsys, caplog, request, mixed_run):  # noqa: F811
+    check_case(case, tmp_path, monkeypatch, capsys, caplog, request, mixed_run)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """An immutable folder (``chattr +i``): not even root creates a file in it, as on a read-only mount."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("no chattr +i on this file system")
+    yield folder
+    subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
+def test_read_only_output_folder_is_one_line_and_nothing_written(read_only, capsys, monkeypatch):
+    from tests.helpers import assert_one_line_error
+    from tests.test_bad_inputs import BAD
+
+    src = read_only.parent / "src"
+    src.mkdir()
+    _cache()(src)
+    _checkpoint(src / "Hook.safetensors")
+    monkeypatch.chdir(read_only.parent)
+    denied = "Operation not permitted"
+    commands = [
+        ["train", "--task", "tiny", "--cache", str(src / "cache"), "--no-use_base_lora", "--output_dir",
+         str(read_only / "run")],
+        ["cache", "--dataset", str(BAD / "ok.jsonl"), "--task", "tiny", "--output", str(read_only)],
+        ["label", "--dataset", str(BAD / "ok.jsonl"), "--output", str(read_only / "labels.jsonl")],
+        ["export", "--lora_moe_weights", str(src / "Hook.safetensors"), "--instrument_hint", "Hook", "--output_dir",
+         str(read_only)],
+        ["evaluate", "--task", "tiny", "--lora_moe_weights", str(src / "Hook.safetensors"), "--cache",
+         str(src / "cache"), "--output_dir", str(read_only / "eval"), "--samples_per_family", "0"],
+        ["infer", "--task", "tiny", "--prompt", "hook", "--output_path", str(read_only / "video.mp4")],
+        ["pipeline", "compile", "--output_dir", str(read_only / "yaml")],
+    ]  # fmt: skip
+    for argv in commands:
+        assert_one_line_error(capsys, argv, str(read_only.name), denied)
+    assert list(read_only.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk():
+    """For this process, while used: a write past ``limit`` bytes of a file fails with EFBIG, as on a full disk
+    (RLIMIT_FSIZE: no mount, no privilege; SIGXFSZ, which would kill the process, is ignored meanwhile)."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    @contextlib.contextmanager
+    def limited(limit: int = 2000):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    yield limited
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_disk, capsys, monkeypatch):
+    from tests.helpers import assert_one_line_error
+    from tests.test_bad_inputs import BAD
+
+    _checkpoint(tmp_path / "Hook.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(tmp_path)
+    commands = [
+        ["export", "--lora_moe_weights", str(tmp_path / "Hook.safetensors"), "--instrument_hint", "Hook",
+         "--output_dir", str(out / "export")],
+        ["label", "--dataset", str(BAD / "ok.jsonl"), "--output", str(out / "labels" / "labels.jsonl")],
+        ["infer", "--task", "tiny", "--prompt", "hook", "--output_path", str(out / "video" / "v.mp4"),
+         "--num_inference_steps", "1", "--num_frames", "5", "--height", "32", "--width", "32"],
+        ["pipeline", "compile", "--output_dir", str(out / "yaml")],
+        ["register", "--lora_moe_weights", str(tmp_path / "Hook.safetensors"), "--work_dir", str(out / "work")],
+    ]  # fmt: skip
+    for argv in commands:
+        with small_disk(100 if argv[0] == "label" else 2000):  # the labels of ok.jsonl are ~300 bytes
+            assert_one_line_error(capsys, argv, "file too large")
+        assert list(out.iterdir()) == [], argv  # no folder, no temp file, no half-written YAML

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from lora_moe_core.cache.writer import CacheReport, CacheSettings
 from lora_moe_core.data.dataset import Dataset
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import check_output_folder
 from lora_moe_core.storage.store import Storage
 
 
@@ -62,6 +63,8 @@ def cache_dataset(
     from lora_moe_core.storage.store import is_s3
 
     storage = storage or Storage()
+    if not is_s3(output):  # a file in its place or a read-only folder: refused before a model is loaded
+        check_output_folder(output, "cache folder")
     if is_musubi_cache(dataset_uri, storage):
         return CacheOutcome(import_musubi_cache(dataset_uri, output, settings, storage), reused_musubi=True)
     dataset = load_dataset(dataset_uri, storage)

@@ -27,7 +27,7 @@ from lora_moe_core.defaults import (
     TASK_NAMES,
     torch_dtype,
 )
-from lora_moe_core.errors import EXIT_USER_ERROR, UserError, one_line
+from lora_moe_core.errors import EXIT_USER_ERROR, UserError, disk_full_reason, one_line
 from lora_moe_core.families import FAMILIES, family
 from lora_moe_core.model.sources import add_model_flags
 
@@ -326,6 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk in a writer with no handler of its own: still the user's to fix
+        if (reason := disk_full_reason(exc)) is None:
+            raise
+        where = f" while writing {exc.filename2 or exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: {one_line(reason + where)}; free space and rerun", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -95,6 +95,22 @@ def load_json(text: str, where: str) -> Any:
         raise UserError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
+def json_or_text(text: str, where: str) -> Any:
+    """``text`` parsed as JSON when it is JSON (a number, a list, ``true``), else ``text`` itself: a
+    ``name=value`` flag. The limits of :func:`load_json` hold either way.
+
+    Raises:
+        UserError: nested too deep or an integer with too many digits (never "not valid JSON").
+    """
+    _check_size(text, where)
+    if _nesting(text) > MAX_DEPTH:
+        raise UserError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(text, parse_int=_bounded_int(where))
+    except (json.JSONDecodeError, RecursionError):
+        return text
+
+
 def load_toml(text: str, where: str) -> dict[str, Any]:
     """A TOML document with the limits above (an integer past Python's 4,300 digits is a one-line error too).
 
