@@ -18,6 +18,8 @@ from kfp import kubernetes
 
 from components import images
 from components.images import IMAGE_UID
+from lora_moe_core.errors import UserError
+from lora_moe_core.guards.urls import check_http_url
 
 # Secret key -> environment variable (manifests/base/minio-credentials.secret.yaml). The MLflow secret is optional:
 # a server without authentication needs none; with authentication it holds any of these keys.
@@ -30,8 +32,15 @@ _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DURATION = re.compile(r"^\d+(s|m|h)$")
-_URL = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def _check_url(url: str, what: str) -> None:
+    """The library's URL check (IPv6 brackets, ports, spaces) as a SettingsError: the YAML would carry it."""
+    try:
+        check_http_url(url, what)
+    except UserError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 class SettingsError(ValueError):
@@ -150,8 +159,8 @@ class ClusterSettings:
                     f"{what} holds credentials (user:password@): put them in the Secret {secret!r} and give only "
                     f"the address after the '@' ({url.rpartition('@')[2]})"
                 )
-            if url and not _URL.fullmatch(url):
-                raise SettingsError(f"{what} {url!r} must look like http://host:port")
+            if url:
+                _check_url(url, what)
         _check_resource_name(self.accelerator_type)
         if self.run_as_user <= 0:
             raise SettingsError(f"run-as user {self.run_as_user} must be a non-root uid (> 0), e.g. {IMAGE_UID}")

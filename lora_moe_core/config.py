@@ -21,12 +21,34 @@ from lora_moe_core.guards.files import read_regular_bytes
 from lora_moe_core.guards.parse import load_json, load_toml
 from lora_moe_core.guards.text import decode_utf8
 
-BLOCK_SELECTOR = re.compile(r"^(all|last_\d+|first_\d+|\d+-\d+)$")
+# Block numbers of at most 4 digits: int() of a 5,000-digit "last_..." raises ValueError (Python's digit limit)
+BLOCK_SELECTOR = re.compile(r"^(all|last_\d{1,4}|first_\d{1,4}|\d{1,4}-\d{1,4})$")
+# Sizes that allocate tensors are bounded here, before any model or optimizer is built: `lora_dim = 1e8` would
+# otherwise try to allocate hundreds of GB and die in the allocator. The limits are far above what a real
+# WAN2.2 A14B run uses (ranks 4-128 on 5120-wide layers; the seed's router is 64 wide; 40 blocks).
+MAX_RANK = 1024
+MAX_ROUTER_HIDDEN = 4096
+MAX_BLOCK_INDEX = 9999
+MAX_TIMESTEP_BUCKETS = 100
 
 
 class _Section(BaseModel):
     # allow_inf_nan=False: learning_rate = inf (or nan from a flag) would train to a checkpoint of NaNs
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _at_most(limit: int, why: str):
+    """A field validator refusing values above ``limit``; the message says the limit and why it is enough."""
+
+    def check(value: int | None) -> int | None:
+        if value is not None and value > limit:
+            raise ValueError(f"at most {limit:,} ({why})")
+        return value
+
+    return check
+
+
+_RANK_LIMIT = _at_most(MAX_RANK, "WAN2.2 A14B adapters use ranks 4-128 on its 5120-wide layers")
 
 
 class ModelConfig(_Section):
@@ -67,9 +89,11 @@ class LoRAConfig(_Section):
     def _check_blocks(cls, value: str | list[int]) -> str | list[int]:
         if isinstance(value, str) and not BLOCK_SELECTOR.match(value):
             raise ValueError(f"'{value}' is not one of all, last_N, first_N, A-B or a list of block indices")
-        if isinstance(value, list) and any(index < 0 for index in value):
-            raise ValueError("block indices must be >= 0")
+        if isinstance(value, list) and any(not 0 <= index <= MAX_BLOCK_INDEX for index in value):
+            raise ValueError(f"block indices must be from 0 to {MAX_BLOCK_INDEX} (WAN2.2 A14B has 40 blocks)")
         return value
+
+    _check_ranks = field_validator("lora_dim", "rank_q", "rank_k", "rank_v", "rank_o", "rank_ffn")(_RANK_LIMIT)
 
     @model_validator(mode="after")
     def _check_some_rank(self) -> LoRAConfig:
@@ -92,6 +116,8 @@ class LoRAMoEConfig(_Section):
     lora_moe_weights: str | None = Field(None, description="Stage-2 checkpoint to start from (stage_c: router only)")
     alpha_base: float = Field(1.0, ge=0, description="multiplier of the frozen base LoRA branch (seed inference 0.7)")
     alpha_expert: float = Field(1.0, ge=0, description="multiplier of the gated expert branches")
+
+    _check_rank = field_validator("lora_dim")(_RANK_LIMIT)
 
     @field_validator("num_experts")
     @classmethod
@@ -117,6 +143,10 @@ class RouterConfig(_Section):
     teacher_label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the teacher distribution")
     hint_confidence: float = Field(5.0, gt=0, description="instrument logit given to a family named by a hint/caption")
 
+    _check_hidden = field_validator("router_hidden_dim")(
+        _at_most(MAX_ROUTER_HIDDEN, "the router maps 4 family logits to 4 experts; the seed's is 64 wide")
+    )
+
     @property
     def trains_router(self) -> bool:
         """Whether the router MLP learns: rule_based and uniform routing have none to train (seed FAQ)."""
@@ -137,6 +167,8 @@ class GateConfig(_Section):
     def _check_boundaries(cls, value: list[float]) -> list[float]:
         if any(not 0 < edge < 1000 for edge in value) or value != sorted(set(value)):
             raise ValueError("must be strictly increasing values in (0, 1000)")
+        if len(value) >= MAX_TIMESTEP_BUCKETS:
+            raise ValueError(f"at most {MAX_TIMESTEP_BUCKETS - 1} edges (one gate per expert and bucket)")
         return value
 
 
@@ -260,7 +292,8 @@ def _format_error(error: ValidationError, source: str) -> str:
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown config key '{key}'{_suggestion(first['loc'])}{more}"
-    return f"{source}: bad value for '{key}': {first['msg']} (got {first.get('input')!r}){more}"
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' ValueErrors
+    return f"{source}: bad value for '{key}': {message} (got {first.get('input')!r}){more}"
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

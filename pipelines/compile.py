@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from components.k8s import ClusterSettings
-from lora_moe_core.errors import UserError
+from lora_moe_core.errors import UserError, disk_full_reason
+from lora_moe_core.guards.files import removed_on_failure
 
 PACKAGES = {"training": "lora_moe_training.yaml", "inference": "lora_moe_inference.yaml"}
 
@@ -29,11 +31,15 @@ def compile_pipeline(name: str, path: str | Path, settings: ClusterSettings | No
 
     path = Path(path)
     pipeline = build(name, settings)  # its own errors are its own, not a write failure
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")  # compiled in place, a full disk left half a YAML
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        compiler.Compiler().compile(pipeline, str(path))
+        with removed_on_failure(path.parent):
+            compiler.Compiler().compile(pipeline, str(temporary))
+            os.replace(temporary, path)
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+        raise UserError(f"cannot write {path}: {disk_full_reason(exc) or exc.strerror}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
     load_ir(path)
     return path
 

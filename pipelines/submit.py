@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.parse import json_or_text
+from lora_moe_core.guards.urls import check_http_url
 
 PROBE_TIMEOUT_S = 5.0
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -52,17 +54,7 @@ class Connection:
                 "KFP host holds credentials (user:password@): set KFP_TOKEN or KFP_COOKIES and give only the "
                 f"address after the '@' ({host.rpartition('@')[2]})"
             )
-        try:  # urlsplit raises ValueError on an unclosed IPv6 bracket ('http://[::1')
-            parts = urllib.parse.urlsplit(host)
-            hostname = parts.hostname
-        except ValueError:
-            raise UserError(f"KFP host {host!r} must look like http(s)://host[:port][/path]") from None
-        if parts.scheme not in ("http", "https") or not hostname or any(not c.isprintable() for c in host):
-            raise UserError(f"KFP host {host!r} must look like http(s)://host[:port][/path]")
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise UserError(f"KFP host {host!r} has an invalid port") from None
+        check_http_url(host, "KFP host")  # an unclosed '[', a bad port, a space in the path: one line here
         sa_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
         for name in ("KFP_TOKEN", "KFP_COOKIES"):
             _check_header_value(os.environ.get(name) or "", name)
@@ -188,10 +180,7 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
         key, has_value, value = item.partition("=")
         if not has_value or not key:
             raise UserError(f"--param {item!r} must be name=value")
-        try:
-            arguments[key] = json.loads(value)
-        except json.JSONDecodeError:
-            arguments[key] = value
+        arguments[key] = json_or_text(value, f"--param {key}")  # depth and digits bounded: no traceback
     return arguments
 
 
@@ -256,9 +245,15 @@ def validate_cron(expression: str) -> str:
     return text
 
 
+def _ascii_digits(text: str) -> bool:
+    """0-9 only, at most 4 of them: str.isdigit() is also true of '²' (int() refuses it) and of other scripts'
+    digits that KFP's Go cron parser does not read."""
+    return text.isascii() and text.isdigit() and len(text) <= 4
+
+
 def _cron_part_ok(part: str, low: int, high: int, names: dict[str, int], wildcard_q: bool) -> bool:
     base, has_step, step = part.partition("/")
-    if has_step and (not step.isdigit() or int(step) == 0):
+    if has_step and (not _ascii_digits(step) or int(step) == 0):
         return False
     if base == "*" or (wildcard_q and base == "?"):
         return True
@@ -268,7 +263,7 @@ def _cron_part_ok(part: str, low: int, high: int, names: dict[str, int], wildcar
     def number(text: str) -> int | None:
         if text.upper() in names:
             return names[text.upper()]
-        return int(text) if text.isdigit() else None
+        return int(text) if _ascii_digits(text) else None
 
     numbers = [number(v) for v in values]
     if any(n is None or not low <= n <= high for n in numbers):

@@ -95,13 +95,20 @@ def _write_plans(
 ) -> list[Path]:
     """Write every planned file, after checking that none of them would overwrite an input (the checkpoint)."""
     refuse_clobber([path for plan in plans for path, _ in plan.files], protect, "export")
-    paths = []
-    for plan in plans:
-        for path, scale in plan.files:
-            lora = LoRAFile(modules=fixed_route_modules(plan.network, scale), format=to, dtype=dtype, metadata={})
-            write_lora(lora, path, to=to, dtype=dtype, metadata=plan.metadata)
-            paths.append(path)
-    return paths
+    created: list[Path] = []
+    try:
+        for plan in plans:
+            for path, scale in plan.files:
+                lora = LoRAFile(modules=fixed_route_modules(plan.network, scale), format=to, dtype=dtype, metadata={})
+                new = not Path(path).exists()
+                write_lora(lora, path, to=to, dtype=dtype, metadata=plan.metadata)
+                if new:
+                    created.append(Path(path))
+    except BaseException:  # a full disk at the second file: the first, new one goes too (a half export misleads)
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    return [path for plan in plans for path, _ in plan.files]
 
 
 def export_instrument_lora(

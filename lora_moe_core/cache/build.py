@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from lora_moe_core.cache.writer import CacheReport, CacheSettings
 from lora_moe_core.data.dataset import Dataset
 from lora_moe_core.errors import UserError
-from lora_moe_core.guards.files import refuse_clobber
+from lora_moe_core.guards.files import check_output_folder, refuse_clobber
 from lora_moe_core.guards.owners import check_owned, owned_output
 from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.storage.store import Storage
@@ -70,6 +70,8 @@ def cache_dataset(
 
     storage = storage or Storage()
     model_files, model_folders = ModelSource.of(settings.model).local_inputs()
+    if not is_s3(output):  # a file in its place or a read-only folder: refused before a model is loaded
+        check_output_folder(output, "cache folder")
     if is_musubi_cache(dataset_uri, storage):
         refuse_clobber([], model_files, "cache", output_folders=[output], input_folders=[dataset_uri, *model_folders])
         with _output_folder(output, overwrite):

@@ -15,6 +15,7 @@ import torch
 from lora_moe_core.config import resolve_config_path
 from lora_moe_core.defaults import ALPHA_BASE, EXPERIMENT
 from lora_moe_core.families import family
+from lora_moe_core.guards.files import check_output_folder
 
 DEMO_CONFIGS = resolve_config_path("configs/demo")  # shipped in the package
 
@@ -64,7 +65,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, num_videos: int = 32) -> Non
     from lora_moe_core.tracking.links import experiment_link
     from lora_moe_core.training.run import run_training
 
-    out = Path(output_dir)
+    out = check_output_folder(output_dir, "output_dir")
     # one MLflow store for both stages, so the runs compare side by side in `mlflow ui`
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out.resolve() / 'mlruns.db'}")
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from lora_moe_core.defaults import (
     TASK_NAMES,
     torch_dtype,
 )
-from lora_moe_core.errors import EXIT_USER_ERROR, UserError
+from lora_moe_core.errors import EXIT_USER_ERROR, UserError, disk_full_reason, one_line
 from lora_moe_core.families import FAMILIES, family
 from lora_moe_core.model.sources import add_model_flags
 
@@ -39,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"error: {message} (see '{self.prog} --help')\n")
+        # an unknown flag or a bad choice is quoted: escaped like every UserError message (no ANSI, one line)
+        self.exit(EXIT_USER_ERROR, f"error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
 # -- config flags ---------------------------------------------------------------------------------------------
@@ -326,8 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:  # a bug: the traceback is for the report, but never with a credential in it
-        from lora_moe_core.redaction import redact
+    except Exception as exc:
+        if (reason := disk_full_reason(exc)) is not None:  # a full disk in a writer with no handler of its own
+            where = f" while writing {exc.filename2 or exc.filename}" if getattr(exc, "filename", None) else ""
+            print(f"error: {one_line(reason + where)}; free space and rerun", file=sys.stderr)
+            return EXIT_USER_ERROR
+        from lora_moe_core.redaction import redact  # a bug: the traceback is for the report, never with a secret
 
         sys.stderr.write(redact(traceback.format_exc()))
         return 1

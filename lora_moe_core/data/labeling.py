@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lora_moe_core.data.dataset import Dataset, jsonl_records
 from lora_moe_core.data.vocabulary import Vocabulary
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
-from lora_moe_core.guards.files import refuse_clobber
+from lora_moe_core.guards.files import check_output_folder, refuse_clobber
 from lora_moe_core.guards.text import decode_utf8
-from lora_moe_core.storage.store import Storage
+from lora_moe_core.storage.store import Storage, is_s3
 
 
 @dataclass
@@ -52,6 +53,8 @@ def label_dataset(
     storage = storage or Storage()
     dataset = load_dataset(dataset_uri, storage)
     refuse_clobber([output], [dataset_uri, vocab, *dataset.input_files()], "label")
+    if not is_s3(output):  # a file where its folder should be, or a read-only folder: refused before labelling
+        check_output_folder(Path(output).parent, f"cannot write {Path(output).name}: its folder")
     records, summary = label_records(dataset, Vocabulary.load(vocab))
     write_labels(records, output, storage)
     return summary

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_moe_core.errors import UserError
-from lora_moe_core.guards.files import check_output_name
+from lora_moe_core.errors import UserError, disk_full_reason
+from lora_moe_core.guards.files import check_output_folder, check_output_name, removed_on_failure
 
 
 def _reason(exc: OSError) -> str:
+    if (full := disk_full_reason(exc)) is not None:  # PyAV's errors carry errno 27 without a strerror
+        return f"{full}; free space and rerun"
     return exc.strerror or str(exc) or type(exc).__name__
 
 
@@ -34,13 +36,7 @@ def check_writable(path: str | Path) -> Path:
     check_output_name(path)  # first: stat() itself fails on a name the file system cannot hold
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory; give a file name such as {path / 'output.mp4'}")
-    ancestor = path.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"cannot write {path}: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: permission denied in {ancestor}")
+    check_output_folder(path.parent, f"cannot write {path.name}: its folder")
     return path
 
 
@@ -53,9 +49,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = check_writable(path)
     tmp = path.with_name(f".{path.name}.part")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
+        with removed_on_failure(path.parent):  # a folder made for this file goes again when the write fails
+            write(tmp)
+            os.replace(tmp, path)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {_reason(exc)}") from None
     finally:

@@ -149,7 +149,9 @@ def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None
     ``context``: the MLflow parent run and KFP tags of a pipeline step (default: this process's environment).
     """
     from lora_moe_core.model.loading import load_dits
+    from lora_moe_core.tracking.mlflow_client import resolve_tracking_uri
 
+    resolve_tracking_uri(None, settings.output_dir)  # a garbage MLFLOW_TRACKING_URI fails before any work
     entries = read_cache(settings.cache)
     _check_labels(entries, settings.cache)
     dits = load_dits(settings.task, settings.model)

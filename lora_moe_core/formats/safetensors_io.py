@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lora_moe_core.errors import UserError
-from lora_moe_core.guards.files import check_output_name, check_regular_file
+from lora_moe_core.errors import UserError, disk_full_reason
+from lora_moe_core.guards.files import check_output_name, check_regular_file, removed_on_failure
 from lora_moe_core.guards.parse import load_json
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -86,20 +86,22 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     check_output_name(path)  # before is_dir(): a 300-byte name makes stat() raise ENAMETOOLONG
     if path.is_dir():
         raise UserError(f"output path {path} is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        contiguous = {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
-        save_file(contiguous, temporary, metadata=metadata)
-        _publishable(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with removed_on_failure(path.parent):  # a folder made for this file goes again when the write fails
+        try:
+            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(handle)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror}") from None
+        try:
+            contiguous = {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
+            save_file(contiguous, temporary, metadata=metadata)
+            _publishable(temporary)
+            os.replace(temporary, path)
+        except BaseException as exc:
+            Path(temporary).unlink(missing_ok=True)
+            if (reason := disk_full_reason(exc)) is not None:
+                raise UserError(f"cannot write {path}: {reason}; free space and rerun") from None
+            raise
     return path
 
 

@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePath, PurePosixPath
 
@@ -73,6 +74,33 @@ def check_output_name(path: str | os.PathLike[str], what: str = "output") -> Non
                         "at most 239 bytes per name)")  # fmt: skip
 
 
+def check_output_folder(folder: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """``folder`` when files can be created in it (or in its nearest existing parent, where it will be made),
+    checked before any work: a regular file in its place, a missing permission, a read-only mount or an
+    immutable folder are one line now rather than a traceback (or a lost hour) at the first write.
+
+    The check creates and removes one empty hidden file, because ``os.access`` answers yes to root on an
+    immutable (``chattr +i``) folder and says nothing of a quota. Nothing is left behind.
+
+    Raises:
+        UserError: naming ``folder`` and why files cannot be written there.
+    """
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is" if existing == folder.absolute() else f"{_short(existing)} is"
+        raise UserError(f"{what} {_short(folder)}: {where} a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".lora-moe-write-check-")
+    except OSError as exc:
+        raise UserError(f"{what} {_short(folder)}: cannot write in {_short(existing)}: {os_reason(exc)}") from None
+    os.close(handle)
+    os.unlink(probe)
+    return folder
+
+
 @contextlib.contextmanager
 def removed_on_failure(folder: str | os.PathLike[str], keep_files: bool = False) -> Iterator[Path]:
     """Create ``folder`` (and missing parents) for a command's outputs; when the block raises, remove the folders
@@ -82,9 +110,9 @@ def removed_on_failure(folder: str | os.PathLike[str], keep_files: bool = False)
     published before the failure, so that a rerun resumes from them).
 
     Raises:
-        UserError: when the folder cannot be created.
+        UserError: when the folder cannot be created or written (:func:`check_output_folder`).
     """
-    folder = Path(folder)
+    folder = check_output_folder(folder, "cannot create")
     top = folder.absolute()
     while not top.parent.exists() and top.parent != top:
         top = top.parent  # the highest folder that this call creates

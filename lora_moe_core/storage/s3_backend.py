@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.urls import check_http_url
 
 MIB = 1024 * 1024
 # Uploads above this go multipart. Each transfer worker holds one part in memory, so workers × part size bounds
@@ -63,10 +64,8 @@ class S3Settings:
         }
         if missing := [name for name, value in required.items() if not value]:
             raise UserError(f"s3:// URIs need these environment variables set: {', '.join(missing)}")
-        parts = urllib.parse.urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-            shown = _strip_userinfo(endpoint) if "://" in endpoint else "a value without http:// or https://"
-            raise UserError(f"S3 endpoint must look like http://host:port or https://host, got {shown!r}")
+        source = "S3_ENDPOINT_URL" if env.get("S3_ENDPOINT_URL") else "MLFLOW_S3_ENDPOINT_URL"
+        check_http_url(endpoint, f"S3 endpoint ({source})", allow_path=False)
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
         return cls(_strip_userinfo(endpoint), access, secret, env.get("AWS_SESSION_TOKEN") or None, region)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from lora_moe_core.errors import UserError, disk_full_reason
-from lora_moe_core.guards.files import os_reason, read_regular_bytes
+from lora_moe_core.guards.files import os_reason, read_regular_bytes, removed_on_failure
 from lora_moe_core.storage.s3_backend import (
     _MISSING_CODES,
     _TRANSIENT,
@@ -102,6 +102,8 @@ def _local_errors(path: PathOrUri, written: PathOrUri | None = None) -> Iterator
         yield
     except FileNotFoundError as exc:
         raise UserError(f"{exc.filename or path} does not exist") from exc
+    except FileExistsError as exc:  # mkdir of a parent folder that is a file
+        raise UserError(f"cannot write {written or path}: {exc.filename} is a file, not a folder") from exc
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         raise UserError(f"{exc.filename or path}: {exc.strerror}") from exc
     except OSError as exc:
@@ -115,15 +117,15 @@ def _local_errors(path: PathOrUri, written: PathOrUri | None = None) -> Iterator
 @contextlib.contextmanager
 def _atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temp path next to ``path``; it replaces ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with removed_on_failure(path.parent):  # a folder made for this file goes again when the write fails
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def _local_files(root: Path) -> list[Path]:

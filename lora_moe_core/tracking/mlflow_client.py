@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from lora_moe_core.guards.urls import check_tracking_uri
 from lora_moe_core.redaction import redact
 
 # Read by MLflow per request from os.environ (see the module doc); set only where the user has not.
@@ -28,10 +29,14 @@ _REJECTED_CODES = frozenset(
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | Path | None = None) -> str:
-    """Explicit URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir or cwd>/mlruns.db``."""
+    """Explicit URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir or cwd>/mlruns.db``.
+
+    Raises:
+        UserError: a URI MLflow has no store for (:func:`~lora_moe_core.guards.urls.check_tracking_uri`).
+    """
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+    if uri:  # an unknown scheme would be taken for a server that is down: refused here, before any run starts
+        return check_tracking_uri(uri, "MLflow tracking URI" if tracking_uri else "MLFLOW_TRACKING_URI")
     folder = Path(output_dir) if output_dir is not None else Path.cwd()
     return f"sqlite:///{(folder / 'mlruns.db').resolve()}"
 

@@ -10,6 +10,7 @@ from lora_moe_core.config import Config, TrainingConfig
 from lora_moe_core.data.latent_cache import CacheEntry, read_cache
 from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
+from lora_moe_core.guards.files import check_output_folder
 from lora_moe_core.model.memory import DiTPlacement
 from lora_moe_core.tracking.context import TrackingContext
 from lora_moe_core.training import state as run_state
@@ -57,10 +58,13 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     from lora_moe_core.model.loading import load_dits
     from lora_moe_core.model.sources import ModelSource
     from lora_moe_core.tracking.datasets import cache_dataset_ref
+    from lora_moe_core.tracking.mlflow_client import resolve_tracking_uri
     from lora_moe_core.tracking.system import SystemMetricsTracker
     from lora_moe_core.tracking.tracker import NullTracker, start_tracker
 
     training = config.training
+    resolve_tracking_uri(None, training.output_dir)  # a garbage MLFLOW_TRACKING_URI fails now, not after loading
+    check_output_folder(training.output_dir, "output_dir")  # a file there, or read-only: before any model loads
     if not training.cache:
         raise UserError("no latent cache given: pass --cache DIR|s3://… (made by `lora-moe cache`)")
     refuse_inputs_in_run_folder(config)
