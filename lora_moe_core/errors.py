@@ -61,6 +61,15 @@ class UserError(Exception):
         super().__init__(one_line(message))
 
 
+class DiskFullError(UserError):
+    """A write that failed because the disk (or quota, or file-size limit) is full: one line naming the file; the
+    ``reason`` and ``path`` stay available to a caller that can say more (the trainer names its last save)."""
+
+    def __init__(self, reason: str, path: object):
+        self.reason, self.path = reason, path
+        super().__init__(f"cannot write {path}: {reason}; free space and rerun")
+
+
 def disk_full_reason(exc: BaseException) -> str | None:
     """The full-disk condition behind a failed write, or None when ``exc`` is another error.
 

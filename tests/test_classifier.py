@@ -207,9 +207,10 @@ def test_train_classifier_cli_on_handwritten_cache(tmp_path, capsys):
 
 def test_train_classifier_cli_errors(tmp_path, capsys):
     out = str(tmp_path / "c.safetensors")
+    (tmp_path / "empty").mkdir()
     for argv, words in [
         (["--cache", str(tmp_path / "missing")], "does not exist"),
-        (["--cache", str(tmp_path)], "no latent files"),
+        (["--cache", str(tmp_path / "empty")], "no latent files"),  # the output beside the cache, not inside it
     ]:
         assert main(["train-classifier", *argv, "--output", out, "--epochs", "1"]) == 2
         err = capsys.readouterr().err

@@ -209,6 +209,6 @@ def test_bad_input_raises_one_line_user_error(tmp_path, kwargs, message):
 def test_unwritable_output_dir_raises_user_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(UserError, match="cannot create .*/file/out: Not a directory") as info:
+    with pytest.raises(UserError, match="cannot create .*/file/out: .*/file is a file, not a folder") as info:
         generate_dataset(blocker / "out", 1, width=64, height=48, num_frames=5)
     assert "\n" not in str(info.value)

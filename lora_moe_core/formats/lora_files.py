@@ -273,10 +273,10 @@ def _diffusers_alpha_rule(path: str, metadata: dict[str, str]):
 
 
 def _check_shapes(path: str, name: str, dkey: str, down: torch.Tensor, ukey: str, up: torch.Tensor) -> None:
-    """down [rank, in] and up [out, rank] with 0 < rank <= min(in, out); else one line naming the keys.
+    """down [rank, in] and up [out, rank] with 0 < rank <= 2 * min(in, out); else one line naming the keys.
 
     A file whose down and up tensors were swapped chains just as well when in == out (every attention Linear):
-    its "rank" is then the layer width and larger than the other dimension, which no low-rank factorisation has.
+    its "rank" is then the layer width, far larger than the other dimension, which no low-rank factorisation has.
     """
     if down.ndim != 2 or up.ndim != 2:
         raise UserError(f"{path}: '{dkey}'/'{ukey}' are not 2-D; only Linear LoRA layers are supported")
@@ -290,7 +290,9 @@ def _check_shapes(path: str, name: str, dkey: str, down: torch.Tensor, ukey: str
     rank = down.shape[0]
     if rank == 0:
         raise UserError(f"{path}: module '{name}' has rank 0 ('{dkey}' is empty): nothing to apply; remove it")
-    if rank > min(down.shape[1], up.shape[0]):
+    # a rank above the layer's smaller side is legal (and trained by small test models: rank 32 on 24 features),
+    # but one above twice that side is no LoRA anyone trains: the swapped reading is the one that holds
+    if rank > 2 * min(down.shape[1], up.shape[0]):
         raise UserError(swapped)
 
 

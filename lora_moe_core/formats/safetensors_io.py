@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lora_moe_core.errors import UserError, disk_full_reason
+from lora_moe_core.errors import DiskFullError, UserError, disk_full_reason
 from lora_moe_core.guards.files import check_output_name, check_regular_file, removed_on_failure
 from lora_moe_core.guards.parse import load_json
 
@@ -100,7 +100,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
         except BaseException as exc:
             Path(temporary).unlink(missing_ok=True)
             if (reason := disk_full_reason(exc)) is not None:
-                raise UserError(f"cannot write {path}: {reason}; free space and rerun") from None
+                raise DiskFullError(reason, path) from None
             raise
     return path
 

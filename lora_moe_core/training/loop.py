@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lora_moe_core.config import Config, config_to_dict
 from lora_moe_core.data.latent_cache import CacheEntry
-from lora_moe_core.errors import UserError, disk_full_reason
+from lora_moe_core.errors import DiskFullError, UserError, disk_full_reason
 from lora_moe_core.tracking.tracker import Tracker
 from lora_moe_core.training import state as run_state
 from lora_moe_core.training.batches import Batch, collate, epoch_batches, step_generator
@@ -231,8 +231,8 @@ class TrainingLoop:
         """A full disk while saving ends the run with one line naming it and the save to resume from."""
         try:
             yield
-        except (OSError, SafetensorError) as exc:
-            reason = disk_full_reason(exc)
+        except (OSError, SafetensorError, DiskFullError) as exc:
+            reason = exc.reason if isinstance(exc, DiskFullError) else disk_full_reason(exc)
             if reason is None:
                 raise
             kept = self.last_checkpoint or "none yet"
