@@ -17,10 +17,21 @@ from pathlib import Path
 
 import pytest
 
+from lora_moe_core.cache.writer import LatentCacher
 from lora_moe_core.cli.main import main
+from lora_moe_core.data.latent_cache import read_cache
+from lora_moe_core.data.synth import generate_dataset
 from lora_moe_core.signals import GracefulStop
 from lora_moe_core.training import state as run_state
-from tests.test_faults_training import RUN, _assert_same_run, _resumed_step, _stage2_argv, reference, stage1
+from tests.test_faults_training import (
+    RUN,
+    _assert_cache_whole,
+    _assert_same_run,
+    _resumed_step,
+    _stage2_argv,
+    reference,
+    stage1,
+)
 
 __all__ = ["reference", "stage1"]  # module fixtures shared with the fault tests: the same uninterrupted run
 
@@ -102,3 +113,62 @@ def test_graceful_stop_restores_the_handlers_it_replaced():
             time.sleep(0.001)
         assert stop.signal == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before_term and signal.getsignal(signal.SIGINT) is before_int
+
+
+# -- 2. Ctrl-C during cache ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def long_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 videos of 33 frames: each entry has a text file, a 17- and a 33-frame latent file and a marker."""
+    folder = tmp_path_factory.mktemp("long") / "data"
+    generate_dataset(folder, 6, seed=5, width=64, height=48, num_frames=33)
+    return folder
+
+
+def _cache_argv(dataset: Path, out: Path) -> list[str]:
+    return ["cache", "--dataset", str(dataset), "--task", "tiny", "--output", str(out), "--target_frames", "17", "33",
+            "--resolution", "64", "48"]  # fmt: skip
+
+
+def test_ctrl_c_during_cache_exits_130_leaves_whole_entries_and_the_rerun_completes(long_videos, tmp_path, capsys):
+    out = tmp_path / "cache"
+    process = subprocess.Popen([sys.executable, "-m", "lora_moe_core", *_cache_argv(long_videos, out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for(out / "clip_0001_lora_moe.json", process)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, err) == (130, "interrupted\n")
+    done = _assert_cache_whole(out)  # every latent file loads, with its text file; no staging folder
+    assert 2 <= len(done) < 6
+    published = {path.name.split("_")[0] + "_" + path.name.split("_")[1] for path in out.glob("*_wan*.safetensors")}
+    assert published == set(done)  # no file of an entry whose marker is missing
+    assert main(_cache_argv(long_videos, out)) == 0
+    assert f"{len(done)} up to date" in capsys.readouterr().out
+    assert len(_assert_cache_whole(out)) == 6 and len(read_cache(str(out))) == 12
+
+
+@pytest.mark.parametrize("at", ["publish", "staging cleanup"])
+def test_ctrl_c_while_an_entry_is_published_or_its_staging_removed_waits_for_it(long_videos, tmp_path, monkeypatch,
+                                                                                capsys, at):  # fmt: skip
+    out, calls = tmp_path / "cache", []
+    real_publish, real_rmtree = LatentCacher._publish, __import__("shutil").rmtree
+
+    def publish(self, local, target):  # the real rename, with a real Ctrl-C just before the 2nd file of the 2nd entry
+        calls.append(target)
+        if at == "publish" and len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_publish(self, local, target)
+
+    def rmtree(path, *args, **kwargs):  # the real removal, with a Ctrl-C as it starts on the 2nd entry's staging
+        if at == "staging cleanup" and len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(LatentCacher, "_publish", publish)
+    monkeypatch.setattr("shutil.rmtree", rmtree)
+    assert main(_cache_argv(long_videos, out)) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert _assert_cache_whole(out) == ["clip_0000", "clip_0001"]  # the entry being published was finished
+    assert {path.name.split("_w")[0][:9] for path in out.glob("*_wan*.safetensors")} == {"clip_0000", "clip_0001"}
