@@ -172,3 +172,59 @@ def test_ctrl_c_while_an_entry_is_published_or_its_staging_removed_waits_for_it(
     assert capsys.readouterr().err == "interrupted\n"
     assert _assert_cache_whole(out) == ["clip_0000", "clip_0001"]  # the entry being published was finished
     assert {path.name.split("_w")[0][:9] for path in out.glob("*_wan*.safetensors")} == {"clip_0000", "clip_0001"}
+
+
+# -- 3. Environment variables ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "data"
+    generate_dataset(folder, 2, seed=6, width=64, height=48, num_frames=17)
+    return folder
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _s3_inputs(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """A command per kind of s3:// download: a model file (cache --vae), a latent cache (train --cache). S3 is
+    configured (a closed port: the check must come before any transfer is tried)."""
+    for name, value in (("S3_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ACCESS_KEY_ID", "key"),
+                        ("AWS_SECRET_ACCESS_KEY", "secret")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    return {"model file": ["cache", "--task", "tiny", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "out"),
+                           "--vae", "s3://models/wan_2.1_vae.safetensors"],
+            "latent cache": ["train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo" /
+                             "vanilla_lora.toml"), "--cache", "s3://caches/train", "--output_dir",
+                             str(tmp_path / "out")]}  # fmt: skip
+
+
+@pytest.mark.parametrize("download", ["model file", "latent cache"])
+def test_lora_moe_cache_naming_a_file_is_one_line(tiny_dataset, tmp_path, monkeypatch, capsys, download):
+    (tmp_path / "a_file").write_text("not a folder")
+    for value, where in ((tmp_path / "a_file", "it is"), (tmp_path / "a_file" / "below", f"{tmp_path / 'a_file'} is")):
+        monkeypatch.setenv("LORA_MOE_CACHE", str(value))
+        err = _one_line_error(capsys, _s3_inputs(tiny_dataset, tmp_path, monkeypatch)[download])
+        assert err == (f"error: LORA_MOE_CACHE (where s3:// inputs are downloaded) {value}: {where} a file, not a "
+                       "folder\n")  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # no output folder made
+
+
+@pytest.mark.parametrize("download", ["model file", "latent cache"])
+def test_lora_moe_cache_that_cannot_be_written_is_one_line(tiny_dataset, tmp_path, monkeypatch, capsys, download):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        monkeypatch.setenv("LORA_MOE_CACHE", str(locked))
+        err = _one_line_error(capsys, _s3_inputs(tiny_dataset, tmp_path, monkeypatch)[download])
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert err.startswith(f"error: LORA_MOE_CACHE (where s3:// inputs are downloaded) {locked}: cannot write in "
+                          f"{locked}: ")  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["locked"] and not os.listdir(locked)

@@ -11,7 +11,6 @@ so that a file given for the wrong part fails with one line naming the file and 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -102,11 +101,12 @@ FILE_HELP = {
 def resolve_model_file(uri: str, flag: str) -> Path:
     """A local path for one weights file; an ``s3://`` file is copied once into ``$LORA_MOE_CACHE`` (default
     ``~/.cache/lora_moe``) and reused while unchanged, as :func:`resolve_model_folder` does for folders."""
+    from lora_moe_core.storage.download_cache import download_folder
     from lora_moe_core.storage.store import Storage, is_s3, parse_s3
 
     if is_s3(uri):
         bucket, key = parse_s3(uri)
-        local = Path(os.environ.get("LORA_MOE_CACHE", Path.home() / ".cache" / "lora_moe")) / "models" / bucket / key
+        local = download_folder("models") / bucket / key
         Storage().sync_file_from(uri, local)
         return local
     path = Path(uri)
