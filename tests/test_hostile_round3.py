@@ -8,6 +8,7 @@ through the real CLI in subprocesses with real signals.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lora_moe_core.cache.writer import LatentCacher
 from lora_moe_core.cli.main import main
 from lora_moe_core.data.latent_cache import read_cache
 from lora_moe_core.data.synth import generate_dataset
+from lora_moe_core.formats.safetensors_io import read_safetensors
+from lora_moe_core.model.loading import save_tiny_single_files
+from lora_moe_core.model.sources import load_tensor_pth
 from lora_moe_core.signals import GracefulStop
 from lora_moe_core.training import state as run_state
 from tests.test_faults_training import (
@@ -228,3 +234,108 @@ def test_lora_moe_cache_that_cannot_be_written_is_one_line(tiny_dataset, tmp_pat
     assert err.startswith(f"error: LORA_MOE_CACHE (where s3:// inputs are downloaded) {locked}: cannot write in "
                           f"{locked}: ")  # fmt: skip
     assert sorted(os.listdir(tmp_path)) == ["locked"] and not os.listdir(locked)
+
+
+# -- 4. Lying single-file weights --------------------------------------------------------------------------------
+class _RunsCode:
+    """A pickle that, unpickled, would create ``marker``: what a hostile .pth offers."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    return path
+
+
+def _tensor(dtype: str, shape: list[int], start: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+def _huge_header(path: Path, claimed: int) -> Path:
+    """A header length field of ``claimed`` bytes over a file that long (sparse: no disk used)."""
+    with path.open("wb") as handle:
+        handle.write(claimed.to_bytes(8, "little") + b'{"a":')
+        handle.truncate(8 + claimed)
+    return path
+
+
+def _wrong_shape(source: str, path: Path, key: str) -> Path:
+    tensors, _ = read_safetensors(source)
+    tensors[key] = torch.zeros(*[n + 1 for n in tensors[key].shape])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return path
+
+
+HOSTILE = {  # name: (flag, how to build the file from the good tiny files and a folder, words the error holds)
+    "offsets past the end": ("vae", lambda good, d: _raw_safetensors(
+        d / "vae.safetensors", {"conv1.weight": _tensor("F32", [2, 2], 0, 64)}, b"\0" * 16), "not a valid"),
+    "overlapping offsets": ("vae", lambda good, d: _raw_safetensors(
+        d / "vae.safetensors", {"a": _tensor("F32", [2], 0, 8), "b": _tensor("F32", [2], 4, 12)}, b"\0" * 12),
+        "not a valid"),
+    "unknown dtype": ("dit", lambda good, d: _raw_safetensors(
+        d / "dit.safetensors", {"patch_embedding.weight": _tensor("Q4", [2], 0, 8)}, b"\0" * 8), "not a valid"),
+    "20 MiB header": ("dit", lambda good, d: _huge_header(d / "dit.safetensors", 20 << 20), "header of"),
+    "100 MB header": ("vae", lambda good, d: _huge_header(d / "vae.safetensors", 100 << 20), "header of"),
+    "pickle running code (zip)": ("t5", lambda good, d: _pickled(d / "t5.pth", d, True), "posix.system"),
+    "pickle running code (legacy)": ("t5", lambda good, d: _pickled(d / "t5.pth", d, False), "posix.system"),
+    "pickle as a dit": ("dit", lambda good, d: _pickled(d / "dit.pth", d, True), "could run code"),
+    "VAE tensor of the wrong shape": ("vae", lambda good, d: _wrong_shape(good["vae"], d / "vae.safetensors",
+                                                                          "conv1.weight"), "has shape"),
+    "DiT tensor of the wrong shape": ("dit", lambda good, d: _wrong_shape(good["dit"], d / "dit.safetensors",
+                                                                          "blocks.0.self_attn.q.weight"), "has shape"),
+    "T5 tensor of the wrong shape": ("t5", lambda good, d: _wrong_shape_pth(good["t5"], d / "t5.pth"), "t5"),
+}  # fmt: skip
+
+
+def _pickled(path: Path, folder: Path, zipped: bool) -> Path:
+    torch.save({"weight": _RunsCode(folder / "code_ran")}, path, _use_new_zipfile_serialization=zipped)
+    return path
+
+
+def _wrong_shape_pth(source: str, path: Path) -> Path:
+    state = torch.load(source, weights_only=True)
+    state["norm.weight"] = torch.zeros(state["norm.weight"].numel() + 1)
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {flag: str(path) for flag, path in save_tiny_single_files(tmp_path_factory.mktemp("good")).items()}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_lying_single_files_are_one_line_naming_the_file(case, good_files, tiny_dataset, tmp_path, capsys):
+    flag, build, words = HOSTILE[case]
+    (tmp_path / "in").mkdir()
+    path = build(good_files, tmp_path / "in")
+    commands = [["infer", "--task", "tiny", "--prompt", "hook", "--num_inference_steps", "1", "--output_path",
+                 str(tmp_path / "out" / "x.mp4")]]  # fmt: skip
+    if flag != "dit":  # caching encodes with the VAE and T5 only: it never reads a --dit
+        commands.append(["cache", "--task", "tiny", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "out")])
+    for command in commands:
+        err = _one_line_error(capsys, [*command, f"--{flag}", str(path)])
+        assert str(path) in err and words in err, err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "in" / "code_ran").exists()
+
+
+def test_the_hostile_pickle_really_runs_code_when_unpickled(tmp_path):
+    """The check above is not vacuous: loaded without ``weights_only``, the same file creates its marker."""
+    path = _pickled(tmp_path / "t5.pth", tmp_path, True)
+    loader = "import sys, torch; torch.load(sys.argv[1], weights_only=False)"
+    subprocess.run([sys.executable, "-c", loader, str(path)], check=True, capture_output=True, timeout=60)
+    assert (tmp_path / "code_ran").exists()
+
+
+def test_a_tensors_only_pth_in_the_pre_1_6_format_still_loads(good_files, tmp_path):
+    """That format cannot be memory-mapped: it is read instead, still with ``weights_only``."""
+    state = torch.load(good_files["t5"], weights_only=True)
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    loaded = load_tensor_pth(tmp_path / "legacy.pth", "t5")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[key], state[key]) for key in state)

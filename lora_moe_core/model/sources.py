@@ -155,8 +155,18 @@ def load_tensor_pth(path: Path, flag: str) -> dict[str, Any]:
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 format: read, not mapped
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: torch's text suggests the unsafe retry
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"a reference to {found[1]}" if found else "pickled Python objects"
+        raise UserError(f"--{flag} {path}: holds {what}, not only tensors: refused, since unpickling it could run "
+                        "code (give a tensors-only .pth or a .safetensors file)") from None  # fmt: skip
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise UserError(f"--{flag} {path}: not a tensors-only PyTorch file or safetensors ({reason})") from None
     while isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
