@@ -70,6 +70,15 @@ class DiskFullError(UserError):
         super().__init__(f"cannot write {path}: {reason}; free space and rerun")
 
 
+class Stopped(Exception):
+    """A run stopped by a signal after a clean save: the CLI prints the message as it is and exits ``exit_code``
+    (128 + the signal's number, the shell's convention, so that a Job controller sees a failure, not a success)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(one_line(message))
+        self.exit_code = exit_code
+
+
 def disk_full_reason(exc: BaseException) -> str | None:
     """The full-disk condition behind a failed write, or None when ``exc`` is another error.
 

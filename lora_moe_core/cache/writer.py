@@ -10,7 +10,9 @@ Per source video ``clip_0003.mp4`` (832×480 source, a 33-frame clip at 0) the c
 
 Files are written to a staging folder (hidden, inside a local output, so that the final rename is atomic on the
 same file system) and published text file first, latent files next, marker last: a killed run or a full disk
-never leaves a visible latent file without its text file, nor a marker naming a missing or partial file. A rerun
+never leaves a visible latent file without its text file, nor a marker naming a missing or partial file. Ctrl-C
+waits for the entry being published and for the removal of the staging folder, so it leaves every visible entry
+whole and no staging folder behind (the CLI exits 130). A rerun
 skips every video whose marker holds the same content hash (video bytes, caption, labels and settings) and
 redoes the rest. A video that cannot be decoded is skipped (up to ``max_bad_fraction``); a write that fails
 stops the run at once with one line (a full disk says so), since every later video would fail the same way.
@@ -45,6 +47,7 @@ from lora_moe_core.formats.safetensors_io import write_safetensors
 from lora_moe_core.guards.numbers import check_number
 from lora_moe_core.model.loading import Encoders, encode_prompts, encode_video
 from lora_moe_core.model.sources import ModelSource
+from lora_moe_core.signals import deferred_interrupts
 from lora_moe_core.storage.store import Storage, is_s3
 
 log = logging.getLogger(__name__)
@@ -275,9 +278,10 @@ class LatentCacher:
                          "text_file": text_name}  # fmt: skip
                 target = staging / marker
                 target.write_bytes(json.dumps(entry, ensure_ascii=False).encode())
-                for name in (text_name, *files, marker):  # the text before any latent file, the marker last
-                    target = self.storage.join(self.output, name)
-                    self._publish(staging / name, target)
+                with deferred_interrupts():  # a few renames: Ctrl-C waits for the whole entry, never half of it
+                    for name in (text_name, *files, marker):  # the text before any latent file, the marker last
+                        target = self.storage.join(self.output, name)
+                        self._publish(staging / name, target)
             except (OSError, SafetensorError) as exc:
                 raise _write_error(exc, target, report) from None
         return len(files)
@@ -290,8 +294,12 @@ class LatentCacher:
                 yield Path(folder)
             return
         Path(self.output).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=self.staging_prefix, dir=self.output) as folder:
-            yield Path(folder)
+        folder = Path(tempfile.mkdtemp(prefix=self.staging_prefix, dir=self.output))
+        try:
+            yield folder
+        finally:
+            with deferred_interrupts():  # Ctrl-C during the encoding: its staged files go before the exit
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _remove_stale_staging(self) -> None:
         """Delete staging folders a killed run of this shard left in a local output."""

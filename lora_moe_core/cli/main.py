@@ -28,7 +28,7 @@ from lora_moe_core.defaults import (
     TASK_NAMES,
     torch_dtype,
 )
-from lora_moe_core.errors import EXIT_USER_ERROR, UserError, disk_full_reason, one_line
+from lora_moe_core.errors import EXIT_USER_ERROR, Stopped, UserError, disk_full_reason, one_line
 from lora_moe_core.families import FAMILIES, family
 from lora_moe_core.model.sources import add_model_flags
 
@@ -324,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Stopped as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -49,10 +49,10 @@ def local_cache_dir(cache: str, storage: Storage | None = None) -> Path:
         if not folder.is_dir():
             raise UserError(f"cache folder {cache} does not exist")
         return folder
-    import os
+    from lora_moe_core.storage.download_cache import download_folder
 
     bucket, key = parse_s3(cache.rstrip("/"))
-    local = Path(os.environ.get("LORA_MOE_CACHE", Path.home() / ".cache" / "lora_moe")) / "latents" / bucket / key
+    local = download_folder("latents") / bucket / key
     (storage or Storage()).sync_dir_from(cache, local)
     return local
 

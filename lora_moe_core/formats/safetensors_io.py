@@ -15,6 +15,10 @@ from lora_moe_core.guards.files import check_output_name, check_regular_file, re
 from lora_moe_core.guards.parse import load_json
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: The largest JSON header read. A Wan 14B DiT's ~1,100 tensors take ~150 kB and kohya/musubi LoRA metadata
+#: (training settings, tag frequencies) rarely reaches 1 MB; safetensors' own limit, 100 MB, would let a hostile
+#: file make every command parse 100 MB of JSON (and hold it, several times over, in memory) before failing.
+MAX_HEADER_BYTES = 16 << 20
 
 
 def check_header(path: Path, what: str) -> None:
@@ -34,6 +38,9 @@ def check_header(path: Path, what: str) -> None:
         if claimed > size - 8:
             raise UserError(f"{path}: header length field says {claimed} bytes but the file has {size}: "
                             f"truncated or corrupt {what}")  # fmt: skip
+        if claimed > MAX_HEADER_BYTES:
+            raise UserError(f"{path}: safetensors header of {claimed:,} bytes, more than the {MAX_HEADER_BYTES:,} "
+                            f"a {what} needs: corrupt or hostile file")  # fmt: skip
         return
     if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5):
         raise UserError(

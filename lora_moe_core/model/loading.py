@@ -10,7 +10,6 @@ single files, so both loading paths for real weights are tested on tiny saved fi
 from __future__ import annotations
 
 import functools
-import os
 import string
 import sys
 from dataclasses import dataclass
@@ -138,11 +137,12 @@ def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
 def resolve_model_folder(model: str) -> Path:
     """A local folder for ``model``; an ``s3://`` folder is mirrored once into ``$LORA_MOE_CACHE`` (default
     ``~/.cache/lora_moe``) and reused while unchanged."""
+    from lora_moe_core.storage.download_cache import download_folder
     from lora_moe_core.storage.store import Storage, is_s3, parse_s3
 
     if is_s3(model):
         bucket, key = parse_s3(model.rstrip("/"))
-        local = Path(os.environ.get("LORA_MOE_CACHE", Path.home() / ".cache" / "lora_moe")) / "models" / bucket / key
+        local = download_folder("models") / bucket / key
         Storage().sync_dir_from(model, local)
         folder = local
     else:

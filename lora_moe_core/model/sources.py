@@ -11,7 +11,6 @@ so that a file given for the wrong part fails with one line naming the file and 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -102,11 +101,12 @@ FILE_HELP = {
 def resolve_model_file(uri: str, flag: str) -> Path:
     """A local path for one weights file; an ``s3://`` file is copied once into ``$LORA_MOE_CACHE`` (default
     ``~/.cache/lora_moe``) and reused while unchanged, as :func:`resolve_model_folder` does for folders."""
+    from lora_moe_core.storage.download_cache import download_folder
     from lora_moe_core.storage.store import Storage, is_s3, parse_s3
 
     if is_s3(uri):
         bucket, key = parse_s3(uri)
-        local = Path(os.environ.get("LORA_MOE_CACHE", Path.home() / ".cache" / "lora_moe")) / "models" / bucket / key
+        local = download_folder("models") / bucket / key
         Storage().sync_file_from(uri, local)
         return local
     path = Path(uri)
@@ -155,8 +155,18 @@ def load_tensor_pth(path: Path, flag: str) -> dict[str, Any]:
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 format: read, not mapped
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: torch's text suggests the unsafe retry
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"a reference to {found[1]}" if found else "pickled Python objects"
+        raise UserError(f"--{flag} {path}: holds {what}, not only tensors: refused, since unpickling it could run "
+                        "code (give a tensors-only .pth or a .safetensors file)") from None  # fmt: skip
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise UserError(f"--{flag} {path}: not a tensors-only PyTorch file or safetensors ({reason})") from None
     while isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):

@@ -4,13 +4,16 @@ A recipe (Stage 1 or Stage 2/3) supplies the model, the loss of one micro-batch 
 this loop owns everything else. Randomness per micro-batch comes from :func:`data.step_generator`, so the
 state to resume is only weights, optimizer moments, the step counters, the running sums of the current epoch
 and the early-stopping history: a run killed at any step and resumed from its last save ends with the same
-weights, bit for bit on CPU, as one never interrupted (as torchrun-style restartable jobs expect).
+weights, bit for bit on CPU, as one never interrupted (as torchrun-style restartable jobs expect). A SIGTERM
+(a pod being deleted or preempted) ends the run after the current optimizer step with such a save and exit code
+143 (:mod:`lora_moe_core.signals`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +26,8 @@ from tqdm import tqdm
 
 from lora_moe_core.config import Config, config_to_dict
 from lora_moe_core.data.latent_cache import CacheEntry
-from lora_moe_core.errors import DiskFullError, UserError, disk_full_reason
+from lora_moe_core.errors import DiskFullError, Stopped, UserError, disk_full_reason
+from lora_moe_core.signals import GracefulStop
 from lora_moe_core.tracking.tracker import Tracker
 from lora_moe_core.training import state as run_state
 from lora_moe_core.training.batches import Batch, collate, epoch_batches, step_generator
@@ -103,6 +107,7 @@ class TrainingLoop:
         if training.max_train_steps is not None:
             self.total_steps = min(self.total_steps, training.max_train_steps)
         self.last_checkpoint: Path | None = None
+        self.stop = GracefulStop()  # entered by run(): a SIGTERM stops after the current optimizer step
 
     # -- resume -----------------------------------------------------------------------------------------------
     def resume(self, marker: Path) -> None:
@@ -120,7 +125,15 @@ class TrainingLoop:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> Path:
-        """Train until the epochs, ``max_train_steps`` or an early-stopping rule end it; returns the final file."""
+        """Train until the epochs, ``max_train_steps`` or an early-stopping rule end it; returns the final file.
+
+        Raises:
+            Stopped: a SIGTERM came; the step it came in was finished and saved (exit code 143).
+        """
+        with self.stop:
+            return self._run()
+
+    def _run(self) -> Path:
         self.tracker.log_params(config_to_dict(self.config))
         training = self.config.training
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=training.training_stage, unit="step",
@@ -181,7 +194,8 @@ class TrainingLoop:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 started = time.perf_counter()
                 if self._done():
-                    return
+                    return  # a SIGTERM now changes nothing: the final save is no longer than a step's
+                self._stop_if_asked()
 
     def _optimizer_step(self, metrics: dict[str, float], started: float) -> None:
         training = self.config.training
@@ -200,9 +214,29 @@ class TrainingLoop:
                         "step/grad_norm": float(grad_norm), "step/step_time_s": time.perf_counter() - started,
                         "step/peak_memory_gib": _peak_memory_gib(self.device)}  # fmt: skip
         self.tracker.log_metrics(step_metrics, self.state.step)
-        every = training.save_every_n_steps
-        if every and self.state.step % every == 0:
+        if self._saves_at(self.state.step):
             self._save_step()
+
+    def _saves_at(self, step: int) -> bool:
+        every = self.config.training.save_every_n_steps
+        return bool(every) and step % every == 0
+
+    def _stop_if_asked(self) -> None:
+        """After an optimizer step: when a SIGTERM came (on any rank), save as ``--save_every_n_steps`` would
+        and raise Stopped. Ranks decide together, or one would wait forever for the others' gradients."""
+        asked = self.stop.signal
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(asked is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            asked = asked or ("SIGTERM" if flag.item() else None)
+        if asked is None:
+            return
+        if not self._saves_at(self.state.step):
+            self._save_step()
+        raise Stopped(f"stopped by {asked} after step {self.state.step}; resume with --resume auto",
+                      128 + signal.Signals[asked])  # fmt: skip
 
     def _average_gradients(self) -> None:
         """DDP's gradient mean, done by hand: the adapters live inside frozen DiTs, not in one wrapped module."""

@@ -8,7 +8,7 @@ import torch
 
 from lora_moe_core.config import Config, TrainingConfig
 from lora_moe_core.data.latent_cache import CacheEntry, read_cache
-from lora_moe_core.errors import UserError
+from lora_moe_core.errors import Stopped, UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.guards.files import check_output_folder
 from lora_moe_core.model.memory import DiTPlacement
@@ -101,6 +101,9 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     loop.tracker = tracker
     try:
         final = loop.run()
+    except Stopped:
+        tracker.close("KILLED")  # MLflow's status of a run ended from outside, resumable
+        raise
     except BaseException:
         tracker.close("FAILED")
         raise
