@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import check_regular_file, read_regular_bytes
+from lora_moe_core.guards.parse import load_json
+from lora_moe_core.guards.text import decode_utf8
 from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.model.tiny_vae import make_patch_average_encoder
 from lora_moe_core.model.wan import build_transformer, get_task
@@ -149,7 +152,34 @@ def resolve_model_folder(model: str) -> Path:
         folder = Path(model)
     if not (folder / "model_index.json").is_file() and not (folder / "vae").is_dir():
         raise UserError(f"model folder {model} is not a diffusers-layout Wan2.2 folder (no model_index.json)")
+    check_folder_configs(folder)
     return folder
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a Wan2.2 config.json is ~1 KB, model_index.json ~0.5 KB
+CONFIG_FILES = ("model_index.json", "transformer/config.json", "transformer_2/config.json", "vae/config.json",
+                "text_encoder/config.json")  # fmt: skip
+
+
+def check_folder_configs(folder: Path) -> None:
+    """Read every config of a diffusers folder through the bounded readers before diffusers or transformers does:
+    their ``json.load`` recurses on deep nesting and reads any size, so a hostile ``config.json`` (100,000 ``[``,
+    gigabytes) was a traceback or an out-of-memory kill instead of one line naming the file.
+
+    Raises:
+        UserError: a config that is not a regular file, over 1 MiB, nested too deep or not one JSON object.
+    """
+    for name in CONFIG_FILES:
+        path = folder / name
+        if not os.path.lexists(path):
+            continue
+        size = check_regular_file(path, "model config").stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UserError(f"model config {path} has {size:,} bytes (a diffusers config has a few KB; at most "
+                            f"{MAX_CONFIG_BYTES:,})")  # fmt: skip
+        text = decode_utf8(read_regular_bytes(path, "model config"), f"model config {path}")
+        if not isinstance(load_json(text, f"model config {path}"), dict):
+            raise UserError(f"model config {path} is not a JSON object")
 
 
 def _required(task: str, part: str) -> UserError:
