@@ -10,6 +10,7 @@ single files, so both loading paths for real weights are tested on tiny saved fi
 from __future__ import annotations
 
 import functools
+import os
 import string
 import sys
 from dataclasses import dataclass
