@@ -33,6 +33,7 @@ from tests.test_faults_training import (
     RUN,
     _assert_cache_whole,
     _assert_same_run,
+    _one_line_error,
     _resumed_step,
     _stage2_argv,
     reference,
@@ -186,14 +187,6 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny") / "data"
     generate_dataset(folder, 2, seed=6, width=64, height=48, num_frames=17)
     return folder
-
-
-def _one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 def _s3_inputs(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
