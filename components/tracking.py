@@ -14,25 +14,26 @@ from components.images import LIGHT_IMAGE
 def start_tracking(experiment: str, pipeline: str, kfp_run_id: str, kfp_run_name: str) -> dict:
     """Create the parent run (tags ``kfp.run_id``, ``kfp.run_name``) and return the context of every step.
 
-    ``MLFLOW_PARENT_RUN_ID`` is empty when tracking is off (``MLFLOW_TRACKING_URI=none``) or MLflow is unreachable;
-    the steps then log top-level runs (or to their fallback file) and the pipeline still runs.
+    Under KFP's own MLflow integration (``MLFLOW_RUN_ID`` injected) the parent is KFP's run of this pipeline run
+    and its experiment, not a second parent run. ``MLFLOW_PARENT_RUN_ID`` is empty when tracking is off
+    (``MLFLOW_TRACKING_URI=none``) or MLflow is unreachable; the steps then log top-level runs (or to their fallback
+    file) and the pipeline still runs.
     """
     import tempfile
-    from dataclasses import replace
 
     from lora_moe_core.redaction import redact
     from lora_moe_core.tracking.context import TrackingContext
     from lora_moe_core.tracking.links import experiment_link
     from lora_moe_core.tracking.mlflow_client import resolve_tracking_uri
-    from lora_moe_core.tracking.runs import start_parent_run
+    from lora_moe_core.tracking.runs import open_pipeline_run
 
     context = TrackingContext(experiment=experiment, kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name)
-    run_id = start_parent_run(kfp_run_name or pipeline, context, tags={"kfp.pipeline": pipeline, "stage": "pipeline"},
-                              output_dir=tempfile.mkdtemp(prefix="tracking-"))  # fmt: skip
-    uri = resolve_tracking_uri()
-    link = experiment_link(uri, experiment, run_id) if run_id else None  # the runs view, not MLflow's GenAI pages
-    print(f"MLflow parent run {run_id or '(none)'} in experiment {experiment!r}: {link or redact(uri)}")
-    return replace(context, parent_run_id=run_id or "").to_dict()
+    context = open_pipeline_run(kfp_run_name or pipeline, context, tags={"kfp.pipeline": pipeline, "stage": "pipeline"},
+                                output_dir=tempfile.mkdtemp(prefix="tracking-"))  # fmt: skip
+    run_id, uri = context.parent_run_id, resolve_tracking_uri()
+    link = experiment_link(uri, context.experiment, run_id) if run_id else None  # the runs view, not GenAI's pages
+    print(f"MLflow parent run {run_id or '(none)'} in experiment {context.experiment!r}: {link or redact(uri)}")
+    return context.to_dict()
 
 
 @dsl.component(base_image=LIGHT_IMAGE, install_kfp_package=False)

@@ -1,4 +1,5 @@
-"""``lora-moe pipeline compile|run|submit|schedule``: the Kubeflow pipelines of ``pipelines/`` from the command line.
+"""``lora-moe pipeline compile|run|submit|schedule|images``: the Kubeflow pipelines of ``pipelines/`` from the
+command line.
 
 Registered with ``lora-moe`` through the ``lora_moe.commands`` entry point (pyproject.toml), so the library never
 imports the Kubeflow layer; nothing here imports kfp or torch before a command runs.
@@ -111,6 +112,47 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     _add_cluster_flags(parser)
 
 
+def _add_images_parser(actions) -> None:
+    from pipelines.image_build import DEFAULT_BASE, LOCAL_BASE, TORCH_CPU_INDEX
+
+    images = actions.add_parser("images", help="build (and push) the trainer and CPU images with the Docker SDK")
+    images.add_argument("--context", default=".", help="the repository root (default: here)")
+    images.add_argument("--registry", help="registry of the tags (default: $LORA_MOE_IMAGE_REGISTRY)")
+    images.add_argument("--tag", default="", help="tag of both images (default: the commit, -dirty if changed)")
+    images.add_argument("--only", action="append", choices=("lora-moe-trainer", "lora-moe-cpu"), help="one image")
+    images.add_argument("--base_image", default=DEFAULT_BASE, help="the Dockerfiles' PYTHON_IMAGE (python3.11)")
+    images.add_argument("--make_base", action="store_true",
+                        help=f"first make {LOCAL_BASE} here (debootstrap, root): no registry")  # fmt: skip
+    images.add_argument("--index_url", default="", help="PyPI mirror for the builds (default: pypi.org)")
+    images.add_argument("--extra_index_url", default="", help="a second package index")
+    images.add_argument("--torch_variant", choices=("cuda", "cpu"), default="cuda",
+                        help="the trainer's torch: cuda (the cluster) or cpu (local runs, CI)")  # fmt: skip
+    images.add_argument("--torch_index_url", default=TORCH_CPU_INDEX,
+                        help="where CPU torch comes from; '' = only from --wheels (air-gapped)")  # fmt: skip
+    images.add_argument("--ca_bundle", type=Path, help="CA bundle pip trusts in the builds (TLS-inspecting proxy)")
+    images.add_argument("--wheels", type=Path, help="folder of wheels pip may take first (e.g. CPU torch)")
+    images.add_argument("--push", action="store_true", help="push each image after building it")
+    images.set_defaults(handler=_images)
+
+
+def _images(args: argparse.Namespace) -> int:
+    from pipelines.docker_run import engine
+    from pipelines.image_build import LOCAL_BASE, ImageBuild, build_images, make_base_image
+
+    names = tuple(args.only or ("lora-moe-trainer", "lora-moe-cpu"))
+    base = LOCAL_BASE if args.make_base else args.base_image
+    build = ImageBuild(context=Path(args.context), registry=args.registry or None, tag=args.tag, names=names,
+                       base_image=base, index_url=args.index_url, extra_index_url=args.extra_index_url,
+                       torch_variant=args.torch_variant, torch_index_url=args.torch_index_url,
+                       ca_bundle=args.ca_bundle, wheels=args.wheels, push=args.push)  # fmt: skip
+    client = engine("lora-moe pipeline images")
+    built = [make_base_image(client)] if args.make_base else []
+    built += build_images(client, build)
+    for image in built:
+        print(f"built {image.ref}: {image.size_bytes / 1e9:.2f} GB in {image.seconds:.0f} s")
+    return 0
+
+
 # -- commands ---------------------------------------------------------------------------------------------------
 def _compile(args: argparse.Namespace) -> int:
     settings = _settings(args)
@@ -137,6 +179,9 @@ def _run(args: argparse.Namespace) -> int:
         store=args.store,
         tracking_uri=args.tracking_uri,
         overrides=parse_params(args.param),
+        runner=args.runner,
+        image_registry=args.image_registry,
+        image_tag=args.image_tag,
         **given,
     )
     with warnings.catch_warnings():  # kfp.local's notes that cluster settings and custom images are ignored here
@@ -263,7 +308,14 @@ def add_pipeline_parser(commands) -> None:
     )
     run.add_argument("--sample_steps", type=int, help="denoising steps of generated clips (default 4)")
     run.add_argument("--param", action="append", metavar="NAME=VALUE", help="any other pipeline argument")
+    run.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                     help="subprocess: each step a process of this venv; docker: each step a container of the "
+                     "pipeline's images (build them with `lora-moe pipeline images`)")  # fmt: skip
+    run.add_argument("--image_tag", help="--runner docker: tag of both images (default: $LORA_MOE_IMAGE_TAG or dev)")
+    run.add_argument("--image_registry", help="--runner docker: registry of the images ($LORA_MOE_IMAGE_REGISTRY)")
     run.set_defaults(handler=_run)
+
+    _add_images_parser(actions)
 
     submit = actions.add_parser("submit", help="start a run on a KFP cluster (kfp.Client)")
     _add_connection_flags(submit)

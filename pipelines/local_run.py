@@ -1,7 +1,8 @@
 """Run a pipeline on this machine with ``kfp.local``: the whole training DAG (what ``make run`` does) or inference.
 
 The same components run as on the cluster, each in its own Python process (``SubprocessRunner(use_venv=False)``:
-this interpreter, no pip), on the tiny random WAN2.2 (``task=tiny``) and synthetic clips. Big data goes to the
+this interpreter, no pip) or, with ``runner="docker"``, each in its own container from the images the cluster runs
+(:mod:`pipelines.docker_run`), on the tiny random WAN2.2 (``task=tiny``) and synthetic clips. Big data goes to the
 *store*: a local folder by default (the components take local paths where the cluster passes ``s3://`` URIs) or
 ``s3://bucket/prefix`` on MinIO/SeaweedFS (``S3_ENDPOINT_URL`` and ``AWS_*`` in the environment). MLflow logs to
 ``MLFLOW_TRACKING_URI`` or, by default, a sqlite file in the output folder. kfp-kubernetes settings (GPUs, node
@@ -43,12 +44,17 @@ class LocalRun:
     sample_size: tuple[int, int, int] = (64, 48, 17)  # evaluation and inference clips: width, height, frames
     sample_steps: int = 4
     overrides: dict[str, Any] = field(default_factory=dict)  # any other pipeline parameter
+    runner: str = "subprocess"  # or "docker": every step in its own container (images from `make images`)
+    image_registry: str | None = None  # the docker runner's images: <registry>/<name>:<tag> (components/images.py)
+    image_tag: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse counts and sizes the pipeline cannot use before any step runs (``--clips -1`` used to run the
         whole pipeline and fail in its last step with a traceback)."""
         from lora_moe_core.guards.numbers import check_int
 
+        if self.runner not in ("subprocess", "docker"):
+            raise UserError(f"--runner {self.runner!r}: subprocess or docker")
         for name in ("clips", "eval_clips", "cache_shards", "stage1_epochs", "stage2_epochs", "sample_steps"):
             check_int(f"--{name}", getattr(self, name), 1, 100_000)
         for name in ("clip_size", "sample_size"):
@@ -154,6 +160,28 @@ def pipeline_parameters(name: str = "training") -> dict[str, Any]:
     return {key: p.default for key, p in inspect.signature(build(name).pipeline_func).parameters.items()}
 
 
+def _pipeline_root(run: LocalRun) -> Path:
+    return (run.output_dir / "kfp").resolve()  # absolute: the docker runner mounts it at the same path
+
+
+@contextlib.contextmanager
+def _runner(run: LocalRun, settings, env: dict[str, str]) -> Iterator[Any]:
+    """The kfp.local runner of ``run``: this interpreter's subprocesses, or containers of the pipeline's images."""
+    from kfp import local
+
+    if run.runner == "subprocess":
+        yield local.SubprocessRunner(use_venv=False)
+        return
+    from pipelines.docker_run import DockerPlan, container_environment, docker_runner, local_folders
+
+    plan = DockerPlan(images=(settings.trainer_image, settings.light_image),
+                      folders=local_folders(run.output_dir, run.store_uri, env["MLFLOW_TRACKING_URI"]),
+                      environment=container_environment({**os.environ, **env}),
+                      pipeline_root=_pipeline_root(run))  # fmt: skip
+    with docker_runner(plan) as runner:
+        yield runner
+
+
 @contextlib.contextmanager
 def _environment(values: dict[str, str]) -> Iterator[None]:
     old = {key: os.environ.get(key) for key in values}
@@ -193,10 +221,17 @@ def run_local(run: LocalRun) -> LocalResult:
     """
     from kfp import local
 
-    from components.k8s import ClusterSettings
+    from components.k8s import ClusterSettings, SettingsError
     from pipelines.compile import build
 
     arguments = run.arguments()
+    # endpoints from this process's environment, not the cluster's service names; a failed step fails at once
+    images = {"image_registry": run.image_registry, "image_tag": run.image_tag}
+    try:
+        local_settings = ClusterSettings.from_env(s3_endpoint_url="", mlflow_tracking_uri="", gpu_retries=0,
+                                                  cpu_retries=0, **images).validate()  # fmt: skip
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
     if run.pipeline == "training":
         _check_store(run.store_uri)
     run.output_dir.mkdir(parents=True, exist_ok=True)
@@ -210,11 +245,14 @@ def run_local(run: LocalRun) -> LocalResult:
         "MLFLOW_LOGGING_LEVEL": "WARNING",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
-    with _environment(env):
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run.output_dir / "kfp"))
-        # endpoints from this process's environment, not the cluster's service names; a failed step fails at once
-        local_settings = ClusterSettings(s3_endpoint_url="", mlflow_tracking_uri="", gpu_retries=0, cpu_retries=0)
-        task = build(run.pipeline, local_settings)(**arguments)
+    with _environment(env), _runner(run, local_settings, env) as runner:
+        local.init(runner=runner, pipeline_root=str(_pipeline_root(run)))
+        try:
+            task = build(run.pipeline, local_settings)(**arguments)
+        except ValueError as exc:  # kfp.local's exit handler after a failed first step: its output is missing
+            if not str(exc).startswith("Tried to get output"):
+                raise
+            raise RuntimeError(f"a step failed before the pipeline's exit handler could run ({exc})") from None
     outputs = {name: getattr(artifact, "path", str(artifact)) for name, artifact in task.outputs.items()}
     store = run.store_uri if run.pipeline == "training" else None
     experiment = arguments.get("mlflow_experiment", EXPERIMENT)

@@ -29,7 +29,7 @@ POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 BUCKETS = {"lora-moe-data", "lora-moe-artifacts", "mlflow"}
 LOCK = ROOT / "requirements.lock"
 CUDA_LOCK = ROOT / "images" / "trainer-cuda.lock"
-DOCKERFILES = {"trainer": ROOT / "images" / "trainer.Dockerfile", "cpu": ROOT / "images" / "cpu.Dockerfile"}
+DOCKERFILE = ROOT / "images" / "Dockerfile"  # both images (build arguments IMAGE_NAME, TORCH_VARIANT)
 
 
 # ---------------------------------------------------------------- manifests: parsing and rendering
@@ -298,46 +298,49 @@ def _global_args(instructions) -> dict[str, str]:
     return args
 
 
-@pytest.mark.parametrize("role", DOCKERFILES)
-def test_dockerfile_is_multistage_with_pinned_bases(role):
-    instructions = parse_dockerfile(DOCKERFILES[role])
+def test_dockerfile_is_multistage_with_pinned_bases():
+    instructions = parse_dockerfile(DOCKERFILE)
     assert {k for k, _ in instructions} <= {"FROM", "ARG", "ENV", "RUN", "COPY", "LABEL", "WORKDIR", "USER", "CMD"}
     args = _global_args(instructions)
     froms = [rest for k, rest in instructions if k == "FROM"]
     assert len(froms) >= 2, froms
-    stage_names = set()
+    stage_names = {"scratch"}  # the empty image: nothing to pull
     for rest in froms:
         image, _, alias = rest.partition(" AS ")
         image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image.strip())
         if image not in stage_names:
             tag = image.rpartition("/")[2]
-            assert ":" in tag and not tag.endswith(":latest"), f"{role}: base image {image} is not pinned"
+            assert ":" in tag and not tag.endswith(":latest"), f"base image {image} is not pinned"
         stage_names.add(alias.strip())
-    assert "latest" not in DOCKERFILES[role].read_text(encoding="utf-8")
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "latest" not in text
+    assert not text.startswith("# syntax="), "a syntax line makes BuildKit pull a frontend image"
 
 
-@pytest.mark.parametrize("role", DOCKERFILES)
-def test_dockerfile_copies_the_lock_before_the_code(role):
-    instructions = parse_dockerfile(DOCKERFILES[role])
-    copies = [(i, rest) for i, (k, rest) in enumerate(instructions) if k == "COPY" and "--from" not in rest]
-    lock_at = next(i for i, rest in copies if "requirements.lock" in rest.split()[0])
-    code_at = min(i for i, rest in copies if {"pyproject.toml", "lora_moe_core", "."} & set(rest.split()[:-1]))
-    install_at = next(i for i, (k, rest) in enumerate(instructions) if k == "RUN" and "--no-deps /src" in rest)
-    lock_install_at = next(
-        i for i, (k, rest) in enumerate(instructions) if k == "RUN" and "-r /tmp/locks/requirements.lock" in rest
+def test_dockerfile_installs_the_lock_before_the_code():
+    instructions = parse_dockerfile(DOCKERFILE)
+    builder = _stages(instructions)[1]
+    lock_at = next(i for i, (k, rest) in enumerate(builder) if k == "COPY" and "requirements.lock" in rest)
+    lock_install_at = next(i for i, (k, rest) in enumerate(builder) if k == "RUN" and "install_locked.sh" in rest)
+    code_at = next(i for i, (k, rest) in enumerate(builder) if k == "COPY" and rest == "--from=sources /src /src")
+    install_at = next(
+        i for i, (k, rest) in enumerate(builder) if k == "RUN" and "--no-deps --no-build-isolation /src" in rest
     )
     assert lock_at < lock_install_at < code_at < install_at
-    assert 'kfp==2.17.3"' in instructions[install_at][1]  # the SDK version: components use install_kfp_package=False
+    assert 'kfp==2.17.3"' in builder[install_at][1]  # the SDK version: components use install_kfp_package=False
 
 
-@pytest.mark.parametrize("role", DOCKERFILES)
-def test_dockerfile_runtime_stage_ends_with_user_labelled_and_offline(role):
-    final = _stages(parse_dockerfile(DOCKERFILES[role]))[-1]
+def test_dockerfile_runtime_stage_ends_with_user_labelled_and_offline():
+    final = _stages(parse_dockerfile(DOCKERFILE))[-1]
     users = [rest for k, rest in final if k == "USER"]  # which user: tests/test_security.py
-    assert users and final.index(("USER", users[-1])) > max(i for i, (k, _) in enumerate(final) if k in ("RUN", "COPY"))
-    assert ("ARG", "GIT_SHA=unknown") in final
+    last_files = max(i for i, (k, _) in enumerate(final) if k in ("RUN", "COPY"))
+    assert users and final.index(("USER", users[-1])) > last_files
+    # what differs between the images comes after the last file layer: the images share their file layers
+    assert min(i for i, (k, rest) in enumerate(final) if k == "ARG" or k == "LABEL") > last_files
+    assert ("ARG", "GIT_SHA=unknown") in final and ("ARG", "IMAGE_NAME=lora-moe-trainer") in final
     labels = " ".join(rest for k, rest in final if k == "LABEL")
     assert 'org.opencontainers.image.revision="${GIT_SHA}"' in labels
+    assert 'org.opencontainers.image.title="${IMAGE_NAME}"' in labels
     env = " ".join(rest for k, rest in final if k == "ENV")
     assert "HF_HUB_OFFLINE=1" in env and "PATH=/opt/venv/bin:$PATH" in env
     for keyword, rest in final:
@@ -346,31 +349,33 @@ def test_dockerfile_runtime_stage_ends_with_user_labelled_and_offline(role):
     assert any(k == "COPY" and rest.startswith("--from=builder /opt/venv") for k, rest in final)
     # components pass relative paths such as configs/vanilla_lora.toml: they resolve against the WORKDIR (and, as
     # configs ship inside the package, against lora_moe_core too); the real folder, configs/ is a link to it
-    assert ("WORKDIR", "/app") in final and ("COPY", "lora_moe_core/configs /app/configs") in final
+    assert ("WORKDIR", "/app") in final and ("COPY", "--from=sources /src/lora_moe_core/configs /app/configs") in final
 
 
-@pytest.mark.parametrize("role", DOCKERFILES)
-def test_dockerfile_copies_only_existing_files_that_its_dockerignore_lets_through(role):
-    dockerfile = DOCKERFILES[role]
-    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore").read_text(encoding="utf-8").splitlines()
+def test_dockerfile_copies_only_existing_files_that_its_dockerignore_lets_through():
+    from pipelines.image_build import _CONTEXT_FILES, _CONTEXT_PACKAGES
+
+    ignore = DOCKERFILE.with_name("Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "*" in ignore
-    for keyword, rest in parse_dockerfile(dockerfile):
+    sent = {*_CONTEXT_FILES, *_CONTEXT_PACKAGES}  # what `lora-moe pipeline images` sends as the context
+    for keyword, rest in parse_dockerfile(DOCKERFILE):
         if keyword != "COPY" or rest.startswith("--from"):
             continue
         for source in rest.split()[:-1]:
-            assert (ROOT / source).exists(), f"{role}: COPY {source} does not exist"
+            assert (ROOT / source).exists(), f"COPY {source} does not exist"
             top = source.rstrip("/").split("/")[0]  # a folder let through lets through what it holds
-            assert top in allowed or source.rstrip("/") in allowed, f"{role}: {source} is excluded by the .dockerignore"
+            assert top in allowed or source.rstrip("/") in allowed, f"{source} is excluded by the .dockerignore"
+            assert source.rstrip("/") in sent or any(f.startswith(source) for f in sent), f"{source} is not sent"
 
 
-def test_trainer_installs_the_cuda_lock_and_cpu_image_the_cpu_wheel():
-    trainer = " ".join(rest for k, rest in parse_dockerfile(DOCKERFILES["trainer"]) if k == "RUN")
-    assert "-r /tmp/locks/trainer-cuda.lock" in trainer
-    assert "--index-url" not in trainer  # PyPI's torch 2.13.0 is the CUDA 13.0 build
-    cpu = " ".join(rest for k, rest in parse_dockerfile(DOCKERFILES["cpu"]) if k == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu
-    assert cpu.index("download.pytorch.org/whl/cpu") < cpu.index("-r /tmp/locks/requirements.lock")
+def test_torch_variants_install_the_cuda_lock_or_the_cpu_wheel():
+    script = (ROOT / "images" / "install_locked.sh").read_text(encoding="utf-8")
+    cuda = script[script.index("  cuda)") : script.index("  cpu)")]
+    cpu = script[script.index("  cpu)") : script.index("  *)")]
+    assert 'pip install -r "$lock" -r "$cuda_lock"' in cuda and "--index-url" not in cuda  # PyPI's is CUDA 13.0
+    assert cpu.index('--index-url "$TORCH_INDEX_URL"') < cpu.index('pip install -r "$lock"')
+    assert '--no-index --find-links "$inputs/wheels"' in cpu  # air-gapped: the CPU wheel from the build's wheels
 
 
 # ---------------------------------------------------------------- requirements.lock

@@ -505,8 +505,9 @@ def test_defaults_match_the_manifests_and_images():
     for url in (defaults.s3_endpoint_url, defaults.mlflow_tracking_uri):
         host, port = url.removeprefix("http://").split(":")
         assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
-    for name, dockerfile in ((images.TRAINER, "trainer.Dockerfile"), (images.LIGHT, "cpu.Dockerfile")):
-        assert f'org.opencontainers.image.title="{name}"' in (REPO / "images" / dockerfile).read_text()
+    from pipelines.image_build import IMAGES
+
+    assert IMAGES == (images.TRAINER, images.LIGHT)  # the names `lora-moe pipeline images` builds and tags
 
 
 def test_submit_with_the_in_cluster_service_account_token(tmp_path, lora_moe, kfp_host, client, package, monkeypatch):

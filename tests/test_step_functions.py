@@ -13,7 +13,7 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.evaluation.report import inline_assets
 from lora_moe_core.inference.prompts import Job, jobs_from_entries
 from lora_moe_core.tracking.context import TrackingContext
-from lora_moe_core.tracking.runs import finish_parent_run, start_parent_run
+from lora_moe_core.tracking.runs import finish_parent_run, open_pipeline_run, start_parent_run
 
 STEP_OUTPUT = {"MLFLOW_EXPERIMENT_NAME": "exp", "MLFLOW_PARENT_RUN_ID": "abc", "KFP_RUN_ID": "r1", "KFP_RUN_NAME": "n"}
 
@@ -141,3 +141,46 @@ def test_prompt_entries_are_checked_like_a_prompts_file(tmp_path):
         jobs_from_entries([{"prompt": "a"}, {"prompt": "b", "seed": 1.5}], tmp_path, template, "prompts")
     with pytest.raises(UserError, match="prompts: no prompts"):
         jobs_from_entries([], tmp_path, template, "prompts")
+
+
+def test_under_kfps_mlflow_integration_the_steps_nest_under_kfps_runs(sqlite_uri, tmp_path, monkeypatch):
+    """KFP >= 2.17 with its MLflow plugin on creates a parent run per pipeline run and a nested run per task, and
+    gives each task ``MLFLOW_RUN_ID``: start-tracking adopts KFP's parent (and experiment) instead of opening a
+    second one, each step's run nests under its task's run, and finish-tracking leaves KFP's parent to KFP."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sqlite_uri)
+    kfp_experiment = client.create_experiment(f"kfp-{uuid.uuid4().hex[:6]}")
+    kfp_parent = client.create_run(kfp_experiment, tags={"kfp.pipeline_run_id": "run-9"}).info.run_id
+
+    def kfp_task_run() -> str:
+        return client.create_run(kfp_experiment, tags={"mlflow.parentRunId": kfp_parent}).info.run_id
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", kfp_task_run())  # the start-tracking task's run
+    context = open_pipeline_run("lora-moe-training", TrackingContext(kfp_run_id="run-9"), {"stage": "pipeline"},
+                                tmp_path)  # fmt: skip
+    assert context.parent_run_id == kfp_parent
+    assert context.experiment == client.get_experiment(kfp_experiment).name  # not our default "lora-moe"
+    assert client.get_run(kfp_parent).data.tags["kfp.run_id"] == "run-9"
+    assert client.search_experiments(filter_string="name = 'lora-moe'") == []  # no second parent run anywhere
+
+    task_run = kfp_task_run()
+    monkeypatch.setenv("MLFLOW_RUN_ID", task_run)  # the register task's run
+    step = TrackingContext.from_step(context.to_dict(), "register")
+    _child(step, "register", "register", tmp_path, "FINISHED")
+    [ours] = client.search_runs([kfp_experiment], f"tags.`mlflow.parentRunId` = '{task_run}'")
+    assert ours.data.tags["stage"] == "register" and ours.data.tags["kfp.task"] == "register"
+    outcome = finish_parent_run(kfp_parent, "register")
+    assert (outcome.status, outcome.step_runs) == ("FINISHED", 1)  # our step run, found under its task's run
+    assert client.get_run(kfp_parent).info.status == "RUNNING"  # KFP ends its own run
+
+
+def test_without_kfps_integration_start_tracking_opens_the_parent(sqlite_uri, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    context = open_pipeline_run("p", TrackingContext(experiment=experiment), {"stage": "pipeline"}, tmp_path)
+    parent = MlflowClient(sqlite_uri).get_run(context.parent_run_id)
+    assert (context.experiment, parent.data.tags["stage"], parent.info.status) == (experiment, "pipeline", "RUNNING")
+    assert "lora_moe.parent_owner" not in parent.data.tags

@@ -8,17 +8,62 @@ version with an alias.
 from __future__ import annotations
 
 import logging
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import redact
 from lora_moe_core.tracking.context import TrackingContext
-from lora_moe_core.tracking.mlflow_client import _make_client, _set_http_defaults, _short, resolve_tracking_uri
-from lora_moe_core.tracking.tracker import MLflowTracker, start_tracker
+from lora_moe_core.tracking.mlflow_client import (
+    DISABLED_URIS,
+    _make_client,
+    _set_http_defaults,
+    _short,
+    resolve_tracking_uri,
+)
+from lora_moe_core.tracking.tracker import KFP_TASK_RUN_ENV, PARENT_RUN_TAG, MLflowTracker, start_tracker
 
 log = logging.getLogger(__name__)
+OWNER_TAG = "lora_moe.parent_owner"  # "kfp": the parent run is KFP's (its MLflow integration); KFP ends it
+
+
+def open_pipeline_run(
+    run_name: str,
+    context: TrackingContext,
+    tags: dict[str, str] | None = None,
+    output_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+) -> TrackingContext:
+    """The context every step of a pipeline run logs under: its ``parent_run_id`` is KFP's own run of this
+    pipeline run when KFP's MLflow integration is on (``MLFLOW_RUN_ID`` in the environment: no second parent run),
+    else a parent run created here (empty when tracking is off or the server is unreachable)."""
+    adopted = _kfp_parent_run(context, tags or {}, tracking_uri)
+    if adopted is not None:
+        return adopted
+    run_id = start_parent_run(run_name, context, tracking_uri, tags, output_dir)
+    return replace(context, parent_run_id=run_id or "")
+
+
+def _kfp_parent_run(context: TrackingContext, tags: dict[str, str], tracking_uri: str | None) -> TrackingContext | None:
+    """KFP's parent run (the parent of this task's ``MLFLOW_RUN_ID``) and its experiment, tagged like ours."""
+    task_run = os.environ.get(KFP_TASK_RUN_ENV)
+    uri = resolve_tracking_uri(tracking_uri)
+    if not task_run or uri.strip().lower() in DISABLED_URIS:
+        return None
+    _set_http_defaults()
+    try:
+        client = _make_client(uri)
+        run = client.get_run(task_run)
+        parent = run.data.tags.get(PARENT_RUN_TAG) or task_run
+        experiment = client.get_experiment(run.info.experiment_id).name
+        for key, value in {**context.tags(), **tags, OWNER_TAG: "kfp"}.items():
+            client.set_tag(parent, key, value)
+    except Exception as exc:  # noqa: BLE001 - tracking never stops the pipeline
+        log.warning("tracking: cannot read KFP's MLflow run %s: %s", task_run, redact(str(exc)))
+        return None
+    return replace(context, experiment=experiment, parent_run_id=parent)
 
 
 def start_parent_run(
@@ -46,7 +91,6 @@ def log_to_parent_run(
     Returns False when there is no parent, tracking is off, or MLflow is away: the calls then wait in
     ``<output_dir>/tracking_fallback.jsonl`` for ``lora-moe sync-tracking``, as every other call does.
     """
-    from lora_moe_core.tracking.mlflow_client import DISABLED_URIS
     from lora_moe_core.tracking.tracker import FALLBACK_FILE
 
     uri = resolve_tracking_uri(tracking_uri, output_dir)
@@ -150,8 +194,8 @@ def finish_parent_run(parent_id: str, final_stage: str, tracking_uri: str | None
     _set_http_defaults()
     try:
         client = _make_client(uri)
-        experiments = [e.experiment_id for e in client.search_experiments()]  # a step may log to another experiment
-        children = client.search_runs(experiments, f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+        kfp_owned = client.get_run(parent_id).data.tags.get(OWNER_TAG) == "kfp"
+        children = _step_runs(client, parent_id, kfp_owned)
         latest: dict = {}
         for run in sorted(children, key=lambda r: r.info.start_time or 0):  # a retried step: its last attempt counts
             key = (run.data.tags.get("kfp.task", ""), run.info.run_name)
@@ -167,5 +211,23 @@ def finish_parent_run(parent_id: str, final_stage: str, tracking_uri: str | None
     failed = sorted(f"{r.info.run_name} ({r.info.status})" for r in latest.values() if r.info.status != "FINISHED")
     done = any(r.data.tags.get("stage") == final_stage and r.info.status == "FINISHED" for r in latest.values())
     outcome = ParentRunOutcome("FINISHED" if done and not failed else "FAILED", len(latest), failed, done)
-    finish_run(parent_id, outcome.status, uri)
+    if not kfp_owned:  # KFP's own parent run is ended by KFP when the pipeline run ends
+        finish_run(parent_id, outcome.status, uri)
     return outcome
+
+
+def _step_runs(client, parent_id: str, kfp_owned: bool) -> list:
+    """Our step runs under ``parent_id``: its children; under KFP's MLflow integration (``kfp_owned``) the
+    children of its task runs (ours nest under each task's run), never KFP's own runs (no ``stage`` tag: KFP's to
+    end)."""
+    experiments = [e.experiment_id for e in client.search_experiments()]  # a step may log to another experiment
+
+    def children(run_id: str) -> list:
+        return client.search_runs(experiments, f"tags.`{PARENT_RUN_TAG}` = '{run_id}'", max_results=5000)
+
+    if not kfp_owned:
+        return children(parent_id)
+    runs = []
+    for run in children(parent_id):
+        runs += [run] if "stage" in run.data.tags else children(run.info.run_id)
+    return [run for run in runs if "stage" in run.data.tags]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 FALLBACK_FILE = "tracking_fallback.jsonl"
 RETRY_INTERVAL_S = 60.0
 PARENT_RUN_TAG = "mlflow.parentRunId"
+KFP_TASK_RUN_ENV = "MLFLOW_RUN_ID"  # set by KFP >= 2.17 in each task when its MLflow integration is on
 # MLflow 3.17 limits (mlflow/utils/validation.py): values beyond these make the whole batch fail.
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
 PARAMS_TAGS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
@@ -366,7 +368,8 @@ def start_tracker(
         return NullTracker()
     _set_http_defaults()
     all_tags = {**context.tags(), **(tags or {})}
-    parent = parent_run_id or context.parent_run_id
+    # KFP's MLflow integration (KEP-12862) gives each task a run of its own: ours nests under it
+    parent = parent_run_id or os.environ.get(KFP_TASK_RUN_ENV) or context.parent_run_id
     if parent:
         all_tags[PARENT_RUN_TAG] = parent
     folder = Path(output_dir) if output_dir is not None else Path.cwd()
