@@ -212,11 +212,80 @@ def _check_store(store: str) -> None:
     storage.delete(probe)
 
 
+#: pipeline parameters naming one weights file, and the musubi flag each one is
+MODEL_FILE_PARAMETERS = {"dit_uri": "dit", "dit_high_noise_uri": "dit_high_noise", "vae_uri": "vae", "t5_uri": "t5"}
+
+
+def check_inputs(arguments: dict[str, Any]) -> None:
+    """Every model file, model folder, checkpoint and dataset the steps will read is there, before any step runs
+    or any folder is made: a missing ``--param vae_uri`` used to fail in the cache step, after the run folder,
+    its store and the first steps' outputs were written. Local files are checked as the steps will open them
+    (a regular file; a weights file whose name agrees with its content, holding the part it is given for), a
+    local model folder as a diffusers layout with bounded configs; ``s3://`` ones are looked up.
+
+    Raises:
+        UserError: one line naming the parameter and the path.
+    """
+    from lora_moe_core.defaults import TASK_NAMES
+    from lora_moe_core.guards.files import check_regular_file
+    from lora_moe_core.storage.store import Storage, is_s3, join
+
+    storage = Storage()
+
+    def uri_of(name: str) -> str:
+        value = arguments.get(name) or ""
+        if not isinstance(value, str):
+            raise UserError(f"--param {name} must be a path or an s3:// URI, got {value!r}")
+        return value
+
+    def missing(name: str, uri: str, what: str) -> UserError:
+        return UserError(f"--param {name} {uri}: no such {what}{' in the bucket' if is_s3(uri) else ''}")
+
+    task = arguments.get("task")
+    if not isinstance(task, str) or task not in TASK_NAMES:
+        raise UserError(f"--param task {task!r}: one of {', '.join(TASK_NAMES)}")
+    folder = uri_of("base_model_uri")
+    if is_s3(folder):
+        if not any(storage.exists(join(folder, part)) for part in ("model_index.json", "vae")):
+            raise missing("base_model_uri", folder, "diffusers-layout model folder (model_index.json or vae/)")
+    elif folder:
+        from lora_moe_core.model.loading import check_model_folder
+
+        if not os.path.isdir(folder):  # os.path: False, not an OSError, for a name too long to stat
+            raise missing("base_model_uri", folder, "folder")
+        check_model_folder(Path(folder), f"--param base_model_uri {folder}")
+    files = {name: uri_of(name) for name in MODEL_FILE_PARAMETERS}
+    if task != "tiny" and not folder and not all(files[name] for name in ("dit_uri", "vae_uri", "t5_uri")):
+        raise UserError(f"--param task {task} needs base_model_uri (a diffusers-layout Wan2.2 folder) or the single "
+                        "files dit_uri, vae_uri and t5_uri")  # fmt: skip
+    checkpoints = {"stage1_lora_uri": "Stage-1 LoRA", "lora_moe_uri": "LoRA-MoE checkpoint"}
+    for name, uri in [*files.items(), *((name, uri_of(name)) for name in checkpoints if name in arguments)]:
+        if not uri or uri.startswith("models:/"):
+            continue
+        what = checkpoints.get(name, "weights file")
+        if is_s3(uri):
+            if not storage.exists(uri):
+                raise missing(name, uri, what)
+            continue
+        if not os.path.exists(uri):
+            raise missing(name, uri, what)
+        check_regular_file(uri, f"--param {name}")
+        if name in MODEL_FILE_PARAMETERS:
+            from lora_moe_core.model.sources import require_kind
+
+            require_kind(Path(uri), f"param {name}", MODEL_FILE_PARAMETERS[name])
+    for name, count in (("dataset_uri", "synthetic_clips"), ("eval_dataset_uri", "synthetic_eval_clips")):
+        uri = uri_of(name)
+        if uri and not arguments.get(count) and not (storage.exists(uri) if is_s3(uri) else os.path.exists(uri)):
+            raise missing(name, uri, "dataset")
+
+
 def run_local(run: LocalRun) -> LocalResult:
     """Run the pipeline with ``kfp.local`` and return where its outputs are.
 
     Raises:
-        UserError: for bad settings (store, parameters) before anything runs.
+        UserError: for bad settings (store, parameters, a missing model file, checkpoint or dataset) before
+            anything runs or any folder is made.
         RuntimeError: when a step fails (its log and error are printed above by kfp.local).
     """
     from kfp import local
@@ -225,6 +294,7 @@ def run_local(run: LocalRun) -> LocalResult:
     from pipelines.compile import build
 
     arguments = run.arguments()
+    check_inputs(arguments)  # before any folder is made: a failed check leaves nothing behind
     # endpoints from this process's environment, not the cluster's service names; a failed step fails at once
     images = {"image_registry": run.image_registry, "image_tag": run.image_tag}
     try:

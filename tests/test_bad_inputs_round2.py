@@ -329,9 +329,11 @@ def test_long_video_in_chunk_mode_streams_in_bounded_memory(tmp_path, monkeypatc
 
 
 def test_same_file_name_in_two_folders_gives_two_cache_entries(tmp_path, capsys):
-    for folder in ("case01", "case02"):
+    from lora_moe_core.data.mp4 import write_mp4
+
+    for value, folder in enumerate(("case01", "case02")):  # two recordings (a byte copy would be one video)
         (tmp_path / folder).mkdir()
-        shutil.copy(BAD / "ok.mp4", tmp_path / folder / "video.mp4")
+        write_mp4(np.full((5, 48, 64, 3), 60 + 100 * value, dtype=np.uint8), tmp_path / folder / "video.mp4")
     lines = [{"video_path": f"{folder}/video.mp4", "caption": CAPTION} for folder in ("case01", "case02")]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert main(_cache_argv(str(tmp_path / "m.jsonl"), str(tmp_path / "cache"))) == 0, capsys.readouterr().err

@@ -7,13 +7,15 @@ failed commands that left folders. Cases run through the sandbox of ``test_bad_i
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_moe_core.errors import MAX_WORD_CHARS, UserError, one_line
-from tests.test_bad_inputs import Argv, Case, check_case, mixed_run  # noqa: F401
+from tests.test_bad_inputs import CAPTION, Argv, Case, _cache_argv, _manifest, check_case, mixed_run  # noqa: F401
 from tests.test_bad_inputs_round2 import _cache, _checkpoint
 
 
@@ -34,6 +36,31 @@ def _config(case_id: str, text: str, *words: str) -> Case:
 def _train_flags(case_id: str, *flags: str, words: tuple[str, ...]) -> Case:
     argv: Argv = lambda src, out: ["train", "--task", "tiny", *flags, "--output_dir", str(out)]
     return Case(case_id, argv, words, "lora_moe_final.safetensors")
+
+
+def _duplicate(case_id: str, command: str, second: str, changes: dict, *words: str) -> Case:
+    """``label``/``cache`` of a manifest listing ``ok.mp4`` and then ``second`` (the same video: another spelling
+    or a byte copy) with ``changes``: which entry is meant cannot be told, so both lines are named."""
+
+    def prepare(src: Path) -> None:
+        shutil.copy(src / "ok.mp4", src / "copy.mp4")
+        first = {"video_path": "ok.mp4", "caption": CAPTION}
+        _manifest(src, "twice.jsonl", first, {**first, "video_path": second, **changes})
+
+    if command == "label":
+        argv: Argv = lambda src, out: ["label", "--dataset", str(src / "twice.jsonl"), "--output",
+                                       str(out / "labels.jsonl")]  # fmt: skip
+    else:
+        argv = lambda src, out: _cache_argv(str(src / "twice.jsonl"), str(out / "cache"))
+    output = "labels.jsonl" if command == "label" else "cache"
+    return Case(case_id, argv, ("twice.jsonl:1 and ", "twice.jsonl:2 list the same video", *words), output, prepare)
+
+
+def _run(case_id: str, params, *words: str, prepare=None, pipeline: str = "training") -> Case:
+    """``pipeline run --output_dir <a folder holding an earlier file> --param ...``: nothing may be added to it."""
+    argv: Argv = lambda src, out: ["pipeline", "run", "--pipeline", pipeline, "--output_dir", str(out),
+                                   *(f"--param={param}" for param in params(src))]  # fmt: skip
+    return Case(case_id, argv, words, "earlier.txt", prepare)
 
 
 RANK = "at most 1,024 (WAN2.2 A14B adapters use ranks 4-128"
@@ -73,6 +100,37 @@ CASES = [
     Case("schedule-cron-arabic-digit", lambda src, out: ["pipeline", "schedule", "--cron", "0 0 3 * * */\u0662",
          "--job_name", "nightly"], ("bad day of week field",), "unused.txt"),
     _config("config-cr-in-section-name", '["train\\ring"]\nx = 1\n', "unknown config key 'train ing'"),
+    # 10. one video listed twice with another caption (or other tip boxes): ambiguous, refused naming both entries
+    _duplicate("label-same-video-two-captions", "label", "ok.mp4", {"caption": "剪刀剪开组织"}, "different captions"),
+    _duplicate("cache-same-video-two-captions", "cache", "./ok.mp4", {"caption": "剪刀剪开组织"}, "different captions"),
+    _duplicate("cache-copy-two-captions", "cache", "copy.mp4", {"caption": "吸引器吸除积液"}, "different captions",
+               "copy.mp4 holds the same bytes as"),
+    _duplicate("label-same-video-other-roi", "label", "ok.mp4", {"roi": [[0, 0, 8, 8]]}, "different 'roi'"),
+    # 11. `pipeline run` with a model file, checkpoint or dataset that is not there: refused before any step runs,
+    # no run folder, store or arguments.json left behind (the output folder below holds only an earlier file)
+    _run("run-missing-vae", lambda src: ["vae_uri=" + str(src / "wan_2.1_vae.safetensors")],
+         "--param vae_uri", "wan_2.1_vae.safetensors: no such weights file"),
+    _run("run-missing-t5", lambda src: ["t5_uri=" + str(src / "models_t5_umt5-xxl-enc-bf16.pth")],
+         "--param t5_uri", "no such weights file"),
+    _run("run-vae-uri-a-number", lambda src: ["vae_uri=5"], "--param vae_uri must be a path or an s3:// URI, got 5"),
+    _run("run-vae-is-a-folder", lambda src: ["vae_uri=" + str(src / "caption_dir")], "--param vae_uri",
+         "is a directory, not a file"),
+    _run("run-t5-pth-named-safetensors", lambda src: ["t5_uri=" + str(src / "t5.safetensors")], "--param t5_uri",
+         "t5.safetensors is a PyTorch checkpoint", "under a .safetensors name",
+         prepare=lambda src: torch.save({"token_embedding.weight": torch.zeros(4, 2)}, src / "t5.safetensors")),
+    _run("run-vae-holds-a-lora", lambda src: ["vae_uri=" + str(src / "lora_nan.safetensors")], "--param vae_uri",
+         "not a Wan VAE"),
+    _run("run-missing-base-model", lambda src: ["base_model_uri=" + str(src / "Wan2.2-T2V-A14B-Diffusers")],
+         "--param base_model_uri", "no such folder"),
+    _run("run-base-model-not-diffusers", lambda src: ["base_model_uri=" + str(src / "caption_dir")],
+         "--param base_model_uri", "not a diffusers-layout Wan2.2 folder"),
+    _run("run-a14b-without-a-model", lambda src: ["task=t2v-A14B"], "--param task t2v-A14B needs base_model_uri"),
+    _run("run-missing-stage1-lora", lambda src: ["stage1_lora_uri=" + str(src / "stage1.safetensors")],
+         "--param stage1_lora_uri", "no such Stage-1 LoRA"),
+    _run("run-missing-dataset", lambda src: ["synthetic_clips=0", "dataset_uri=" + str(src / "train")],
+         "--param dataset_uri", "no such dataset"),
+    _run("run-inference-missing-checkpoint", lambda src: ["lora_moe_uri=" + str(src / "lora_moe.safetensors")],
+         "--param lora_moe_uri", "no such LoRA-MoE checkpoint", pipeline="inference"),
 ]
 # fmt: on
 

@@ -283,7 +283,33 @@ HOSTILE = {  # name: (flag, how to build the file from the good tiny files and a
     "DiT tensor of the wrong shape": ("dit", lambda good, d: _wrong_shape(good["dit"], d / "dit.safetensors",
                                                                           "blocks.0.self_attn.q.weight"), "has shape"),
     "T5 tensor of the wrong shape": ("t5", lambda good, d: _wrong_shape_pth(good["t5"], d / "t5.pth"), "t5"),
+    # a name that lies about the format: torch, safetensors and diffusers choose their reader by the suffix
+    "T5 .pth named .safetensors": ("t5", lambda good, d: _renamed(good["t5"], d / "umt5-xxl-enc.safetensors"),
+                                   "is a PyTorch checkpoint (torch.save zip, a .pth) under a .safetensors name"),
+    "pre-1.6 T5 .pth named .safetensors": ("t5", lambda good, d: _legacy_pth(good["t5"], d / "t5.safetensors"),
+                                           "is a PyTorch checkpoint (pre-1.6 torch.save pickle, a .pth)"),
+    "VAE .safetensors named .pth": ("vae", lambda good, d: _renamed(good["vae"], d / "wan_2.1_vae.pth"),
+                                    "is a safetensors file under a .pth name"),
+    "T5 .safetensors named .pth": ("t5", lambda good, d: _as_safetensors(good["t5"], d / "t5.pth"),
+                                   "is a safetensors file under a .pth name"),
+    "a video as the T5": ("t5", lambda good, d: _renamed(Path(__file__).parent / "data" / "bad" / "ok.mp4",
+                                                         d / "t5.pth"), "neither a safetensors file nor a PyTorch"),
 }  # fmt: skip
+
+
+def _renamed(source: str | Path, path: Path) -> Path:
+    path.write_bytes(Path(source).read_bytes())
+    return path
+
+
+def _legacy_pth(source: str, path: Path) -> Path:
+    torch.save(torch.load(source, weights_only=True), path, _use_new_zipfile_serialization=False)  # any name
+    return path
+
+
+def _as_safetensors(source: str, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in torch.load(source, weights_only=True).items()}, path)
+    return path
 
 
 def _pickled(path: Path, folder: Path, zipped: bool) -> Path:

@@ -278,7 +278,8 @@ def _folder_dataset(root: Path, captions=FOLDER_CAPTIONS) -> Path:
     videos = root / "videos"
     videos.mkdir(parents=True)
     for stem, (caption, _) in captions.items():
-        (videos / f"{stem}.mp4").write_bytes(b"\x00garbage, not a video\xff" * 7)  # labelling never decodes
+        # labelling never decodes; distinct bytes, since byte-identical videos are one video listed twice
+        (videos / f"{stem}.mp4").write_bytes(b"\x00garbage, not a video\xff" * 7 + stem.encode())
         (videos / f"{stem}.txt").write_text(caption, encoding="utf-8")
     (root / "dataset.toml").write_text(
         '[general]\nresolution = [64, 48]\ncaption_extension = ".txt"\n\n'
@@ -327,7 +328,7 @@ def test_label_video_jsonl_toml_and_bare_manifest(tmp_path):
 
 def test_label_toml_with_several_datasets_concatenates(tmp_path):
     root = _folder_dataset(tmp_path / "ds")
-    _write_jsonl(root / "extra.jsonl", [{"video_path": "videos/case01_a.mp4", "caption": "剪刀剪开腹膜"}])
+    _write_jsonl(root / "extra.jsonl", [{"video_path": "extra/case03.mp4", "caption": "剪刀剪开腹膜"}])
     toml = root / "dataset.toml"
     toml.write_text(toml.read_text(encoding="utf-8") + '\n[[datasets]]\nvideo_jsonl_file = "extra.jsonl"\n',
                     encoding="utf-8")  # fmt: skip

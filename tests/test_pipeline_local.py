@@ -162,9 +162,10 @@ def test_local_run_on_s3_and_mlflow_server(tmp_path, capsys, lora_moe, s3_env, m
 def test_a_failed_step_fails_the_run_and_its_mlflow_parent(tmp_path, capsys, lora_moe):  # noqa: F811
     from mlflow import MlflowClient
 
-    missing = tmp_path / "no-such-dataset"
+    empty = tmp_path / "empty-dataset"  # there, so the run starts (a missing one is refused before any step)
+    empty.mkdir()
     argv = ["pipeline", "run", "--output_dir", str(tmp_path), "--param", "synthetic_clips=0",
-            "--param", f"dataset_uri={missing}"]  # fmt: skip
+            "--param", f"dataset_uri={empty}"]  # fmt: skip
     assert lora_moe(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "prepare-data" in err

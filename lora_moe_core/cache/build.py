@@ -91,7 +91,9 @@ def cache_dataset(
     else:
         labels = label_records(dataset, Vocabulary.from_builtin())[0]
     if len(labels) != len(dataset.clips):
-        raise UserError(f"{labels_uri} has {len(labels)} lines but the dataset has {len(dataset.clips)} clips")
+        dropped = f" once {len(dataset.dropped)} duplicate entries are dropped" if dataset.dropped else ""
+        raise UserError(f"{labels_uri} has {len(labels)} lines but the dataset has {len(dataset.clips)} clips"
+                        f"{dropped}: rerun `lora-moe label`")  # fmt: skip
     if labels_uri:
         match_labels(labels, dataset, labels_uri)
     if is_s3(output):

@@ -44,6 +44,7 @@ from lora_moe_core.data.dataset import ClipSource, Dataset, DatasetOptions
 from lora_moe_core.errors import UserError, disk_full_reason
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.safetensors_io import write_safetensors
+from lora_moe_core.guards.files import file_sha256
 from lora_moe_core.guards.numbers import check_number
 from lora_moe_core.model.loading import Encoders, encode_prompts, encode_video
 from lora_moe_core.model.sources import ModelSource
@@ -243,8 +244,7 @@ class LatentCacher:
         with self.storage.open_local(clip.video) as local:
             if not Path(local).is_file():
                 raise UserError(f"video path is not a file: {clip.video}")
-            with open(local, "rb") as file:
-                video_hash = hashlib.file_digest(file, "sha256").hexdigest()  # in chunks: recordings can be GBs
+            video_hash = file_sha256(local, "video")  # in chunks: recordings can be GBs
             digest = content_hash(video_hash, clip.caption, {**label, "roi": clip.fields.get("roi")}, self.settings,
                                   options)  # fmt: skip
             if self._is_current(stem, digest):

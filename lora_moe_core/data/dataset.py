@@ -7,17 +7,23 @@ Captions are checked as they are read: at most ``MAX_CAPTION_CHARS`` characters 
 but tab and line breaks (a NUL, an ANSI colour code or a bell is a data error, not text a model should learn).
 UMT5 reads 512 tokens and cuts the rest, as in musubi-tuner and diffusers, so a caption below the limit may
 still be truncated; one above it (a pasted log, a whole file) is refused rather than silently cut.
+
+A video listed twice (another spelling of its path, a symlink, a hard link or a byte-identical copy included) is
+kept once, with a ``warning:`` line naming both entries, or refused when the two entries disagree (another
+caption): :mod:`~lora_moe_core.data.duplicates`.
 """
 
 from __future__ import annotations
 
 import math
 import posixpath
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_moe_core.data.duplicates import Duplicate, drop_duplicates, warning_lines
 from lora_moe_core.errors import UserError
 from lora_moe_core.guards.parse import load_json, load_toml
 from lora_moe_core.guards.text import MAX_TEXT_CHARS, check_text, decode_utf8
@@ -40,6 +46,7 @@ class ClipSource:
     caption: str
     fields: dict[str, Any]  # the manifest line (video_path kept as written), for labels.jsonl
     source: str | None = None  # the manifest or caption file the caption came from
+    origin: str | None = None  # where the entry is, for messages: "manifest.jsonl:3", a TOML entry and its video
 
 
 @dataclass
@@ -100,12 +107,14 @@ class Dataset:
     options: DatasetOptions
     root: str  # folder of the dataset file (local path or s3:// prefix)
     files: list[str] = field(default_factory=list)  # dataset TOML(s) read, besides the clips' sources
+    dropped: list[Duplicate] = field(default_factory=list)  # entries of a video listed before (:mod:`duplicates`)
 
     def input_files(self) -> list[str]:
         """Every file this dataset was read from: TOML, manifests, caption files, videos (what no output may
         overwrite)."""
-        sources = [clip.source for clip in self.clips if clip.source]
-        return list(dict.fromkeys([*self.files, *sources, *(clip.video for clip in self.clips)]))
+        clips = [*((clip.source, clip.video) for clip in self.clips), *((d.source, d.video) for d in self.dropped)]
+        sources = [source for source, _ in clips if source]
+        return list(dict.fromkeys([*self.files, *sources, *(video for _, video in clips)]))
 
 
 def _parent(uri: str) -> str:
@@ -170,8 +179,9 @@ def jsonl_records(text: str, uri: str) -> Iterator[tuple[int, Any]]:
         yield number, load_json(line, f"{uri}:{number}")
 
 
-def read_manifest(uri: str, storage: Storage) -> list[ClipSource]:
-    """JSONL with ``video_path`` and ``caption`` per line (any other fields are kept)."""
+def read_manifest(uri: str, storage: Storage, entry: str | None = None) -> list[ClipSource]:
+    """JSONL with ``video_path`` and ``caption`` per line (any other fields are kept); ``entry`` names the TOML
+    entry that lists the manifest, in messages."""
     root = _parent(uri)
     clips = []
     for number, record in jsonl_records(_read_text(storage, uri, "manifest"), uri):
@@ -186,15 +196,18 @@ def read_manifest(uri: str, storage: Storage) -> list[ClipSource]:
         caption = check_caption(caption, f"{uri}:{number}", allow_empty=True)
         _check_roi(record.get("roi"), f"{uri}:{number}")
         video = _resolve(root, record["video_path"], f"{uri}:{number}: video_path")
-        clips.append(ClipSource(video=video, caption=caption, fields=record, source=uri))
+        where = f"{uri}:{number}" if entry is None else f"{entry} ({uri}:{number})"
+        clips.append(ClipSource(video=video, caption=caption, fields=record, source=uri, origin=where))
     if not clips:
         raise UserError(f"manifest {uri} lists no videos")
     return clips
 
 
-def _directory_clips(storage: Storage, root: str, directory: str, caption_extension: str) -> list[ClipSource]:
+def _directory_clips(storage: Storage, root: str, directory: str, caption_extension: str,
+                     entry: str) -> list[ClipSource]:  # fmt: skip
     """The videos of a musubi ``video_directory`` and their caption files, none of them leaving ``root`` (a
-    symlinked caption or video pointing elsewhere is refused as a ``..`` would be)."""
+    symlinked caption or video pointing elsewhere is refused as a ``..`` would be); ``entry`` names the TOML
+    entry in messages."""
     videos = sorted(uri for uri in storage.list(directory) if uri.lower().endswith(VIDEO_EXTENSIONS))
     if not videos:
         raise UserError(f"video_directory {directory} holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
@@ -210,7 +223,8 @@ def _directory_clips(storage: Storage, root: str, directory: str, caption_extens
             raise UserError(f"missing caption file {caption_uri} for {video}")
         caption = check_caption(_read_text(storage, caption_uri, "caption file"), caption_uri, allow_empty=True)
         fields = {"video_path": relative, "caption": caption}
-        clips.append(ClipSource(video=video, caption=caption, fields=fields, source=caption_uri))
+        clips.append(ClipSource(video=video, caption=caption, fields=fields, source=caption_uri,
+                                origin=f"{entry} ({relative})"))  # fmt: skip
     return clips
 
 
@@ -234,13 +248,15 @@ def read_dataset_toml(uri: str, storage: Storage) -> Dataset:
     options = _options(uri, general, entries[0])
     root = _parent(uri)
     clips: list[ClipSource] = []
-    for entry in entries:
+    for number, entry in enumerate(entries, start=1):
         _check_strings(uri, {**general, **entry}, ("video_directory", "video_jsonl_file", "caption_extension"))
         if "video_directory" in entry:
             directory = _resolve(root, entry["video_directory"], f"{uri}: video_directory")
-            clips += _directory_clips(storage, root, directory, general.get("caption_extension", ".txt"))
+            clips += _directory_clips(storage, root, directory, general.get("caption_extension", ".txt"),
+                                      f"{uri} [[datasets]] entry {number}")  # fmt: skip
         elif "video_jsonl_file" in entry:
-            clips += read_manifest(_resolve(root, entry["video_jsonl_file"], f"{uri}: video_jsonl_file"), storage)
+            manifest = _resolve(root, entry["video_jsonl_file"], f"{uri}: video_jsonl_file")
+            clips += read_manifest(manifest, storage, f"{uri} [[datasets]] entry {number}")
         else:
             raise UserError(f"{uri}: a [[datasets]] entry needs video_directory or video_jsonl_file (images: no)")
     return Dataset(clips=clips, options=options, root=root, files=[uri])
@@ -263,9 +279,22 @@ def _not_found(storage: Storage, missing: str, message: str) -> UserError:
 
 
 def load_dataset(uri: str, storage: Storage | None = None) -> Dataset:
-    """Read a dataset from a TOML, a JSONL manifest, or a folder holding ``manifest.jsonl`` / ``dataset.toml``."""
+    """Read a dataset from a TOML, a JSONL manifest, or a folder holding ``manifest.jsonl`` / ``dataset.toml``,
+    each video once: an entry listing a video listed before is dropped with a ``warning:`` line on stderr naming
+    both, and two entries of one video that disagree are refused (:mod:`~lora_moe_core.data.duplicates`).
+
+    Raises:
+        UserError: one line for a file that cannot be read, a bad entry, or a video listed twice ambiguously.
+    """
     storage = storage or Storage()
-    uri = str(uri)
+    dataset = _read_dataset(str(uri), storage)
+    dataset.clips, dataset.dropped = drop_duplicates(dataset.clips, storage, dataset.root)
+    for line in warning_lines(dataset.dropped):
+        print(line, file=sys.stderr)
+    return dataset
+
+
+def _read_dataset(uri: str, storage: Storage) -> Dataset:
     if not uri.endswith((".toml", ".jsonl", ".json")):
         manifest, toml = storage.join(uri, "manifest.jsonl"), storage.join(uri, "dataset.toml")
         has_manifest, has_toml = storage.exists(manifest), storage.exists(toml)
@@ -274,7 +303,7 @@ def load_dataset(uri: str, storage: Storage | None = None) -> Dataset:
             options = read_dataset_toml(toml, storage).options
             return Dataset(read_manifest(manifest, storage), options, _parent(manifest), files=[toml])
         if has_manifest or has_toml:
-            return load_dataset(manifest if has_manifest else toml, storage)
+            return _read_dataset(manifest if has_manifest else toml, storage)
         message = f"dataset {uri} not found: give a dataset .toml, a .jsonl manifest, or a folder with one"
         raise _not_found(storage, manifest, message)
     if not storage.exists(uri):

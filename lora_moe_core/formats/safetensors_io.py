@@ -49,6 +49,20 @@ def check_header(path: Path, what: str) -> None:
     raise UserError(f"{path} is not a safetensors {what} (empty, truncated or another format)")
 
 
+def whole_file_problem(path: Path, what: str) -> str | None:
+    """Why ``path`` is not a whole safetensors file, from its header alone (no tensor is read): a pickle, a header
+    cut short, or data that does not cover exactly what the header names (a truncated copy); None when whole."""
+    try:
+        check_header(path, what)
+        with safe_open(str(path), framework="pt"):
+            pass
+    except UserError as exc:
+        return str(exc)
+    except (SafetensorError, OSError) as exc:
+        return f"{path} is not a valid safetensors {what} (truncated or corrupt: {str(exc).splitlines()[0]})"
+    return None
+
+
 def read_safetensors(path: str | Path, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load every tensor and the metadata of a safetensors file, refusing anything suspicious.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -64,6 +65,24 @@ def read_regular_bytes(path: str | os.PathLike[str], what: str = "file") -> byte
             raise UserError(f"{what} {path} is not a regular file (reading it could block forever)")
         os.set_blocking(descriptor, True)
         return handle.read()
+
+
+def file_sha256(path: str | os.PathLike[str], what: str = "file") -> str:
+    """The SHA-256 (hex) of a regular file, read in chunks (a surgical recording can be gigabytes) and opened
+    non-blocking, checked again on the open descriptor, like :func:`read_regular_bytes`: never a FIFO's reader."""
+    path = check_regular_file(path, what)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {_short(path)}: {os_reason(exc)}") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise UserError(f"{what} {path} is not a regular file (reading it could block forever)")
+        os.set_blocking(descriptor, True)
+        try:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as exc:
+            raise UserError(f"cannot read {what} {_short(path)}: {os_reason(exc)}") from None
 
 
 def check_output_name(path: str | os.PathLike[str], what: str = "output") -> None:

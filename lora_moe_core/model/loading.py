@@ -151,8 +151,14 @@ def resolve_model_folder(model: str) -> Path:
         folder = local
     else:
         folder = Path(model)
+    return check_model_folder(folder, f"model folder {model}")
+
+
+def check_model_folder(folder: Path, shown: str) -> Path:
+    """``folder`` when it has the diffusers layout (``model_index.json`` or ``vae/``) and bounded configs
+    (:func:`check_folder_configs`); ``shown`` names it in the error."""
     if not (folder / "model_index.json").is_file() and not (folder / "vae").is_dir():
-        raise UserError(f"model folder {model} is not a diffusers-layout Wan2.2 folder (no model_index.json)")
+        raise UserError(f"{shown} is not a diffusers-layout Wan2.2 folder (no model_index.json)")
     check_folder_configs(folder)
     return folder
 

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.model.sources import check_state_shapes, load_tensor_pth, require_kind, resolve_model_file
+from lora_moe_core.model.sources import (
+    check_state_shapes,
+    load_tensor_pth,
+    require_kind,
+    resolve_model_file,
+    weights_format,
+)
 from lora_moe_core.model.wan import get_task
 
 #: UMT5-XXL as Wan uses it (``wan/modules/t5.py::umt5_xxl``; HF ``google/umt5-xxl``); the tokenizer is Google's
@@ -151,7 +157,7 @@ def load_t5_file(uri: str, task: str, dtype: torch.dtype, folder: Path | None = 
     expected = _meta_shapes(lambda: UMT5EncoderModel(config))
     renamed_shapes = t5_to_transformers(contents.shapes)
     check_state_shapes(renamed_shapes, expected, path, "t5", f"the {task} UMT5 encoder")
-    state = load_tensor_pth(path, "t5") if "safetensors" not in path.suffix else load_file(str(path))
+    state = load_file(str(path)) if weights_format(path, "t5") == "safetensors" else load_tensor_pth(path, "t5")
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     model.load_state_dict(t5_to_transformers(state), strict=True, assign=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.guards.files import check_regular_file
 
 #: single-file flags (musubi's names), in the order ``--help`` lists them
 FILE_FLAGS = ("dit", "dit_high_noise", "vae", "t5")
@@ -130,13 +131,46 @@ _DIT_FAMILIES = {(5120, 16): "14B T2V: Wan2.1 T2V-14B or a Wan2.2 T2V-A14B exper
                  (3072, 48): "Wan2.2 TI2V-5B", (1536, 16): "Wan2.1 T2V-1.3B"}  # fmt: skip
 
 
+def weights_format(path: Path, flag: str) -> str:
+    """``safetensors`` or ``pickle`` (a ``torch.save`` file, zip or pre-1.6), from the file's first bytes.
+
+    The name must agree: torch, safetensors and diffusers pick their reader by the suffix, so a ``.pth`` saved
+    under a ``.safetensors`` name (or the reverse) used to end in a traceback from the wrong reader.
+
+    Raises:
+        UserError: one line naming the file and what it really holds, for a name that says otherwise or a file
+            that is neither format (empty, truncated, a video, text); a folder or FIFO as for any input file.
+    """
+    check_regular_file(path, f"--{flag} weights file")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise UserError(f"cannot read --{flag} {path}: {exc.strerror or exc}") from None
+    named = path.suffix.lower() == ".safetensors"
+    if head[8:9] == b"{":  # u64 header length, then the JSON header
+        if not named:
+            raise UserError(f"--{flag} {path} is a safetensors file under a {path.suffix or 'suffix-less'} name, "
+                            "which loaders read as a PyTorch pickle: rename it to .safetensors")  # fmt: skip
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        kind = "a PyTorch checkpoint (torch.save zip, a .pth)"
+    elif head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        kind = "a PyTorch checkpoint (pre-1.6 torch.save pickle, a .pth)"
+    else:
+        raise UserError(f"--{flag} {path} is neither a safetensors file nor a PyTorch checkpoint (empty, truncated "
+                        "or another format)")  # fmt: skip
+    if named:
+        raise UserError(f"--{flag} {path} is {kind} under a .safetensors name, not a safetensors file: rename it "
+                        "to .pth (a tensors-only .pth is read without running code) or convert it")  # fmt: skip
+    return "pickle"
+
+
 def read_shapes(path: Path, flag: str) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a ``.safetensors`` (header only) or a tensors-only ``.pth`` (memory-mapped)."""
     from lora_moe_core.formats.safetensors_io import check_header
 
-    with path.open("rb") as handle:
-        head = handle.read(9)
-    if head[8:9] == b"{":
+    if weights_format(path, flag) == "safetensors":
         from safetensors import SafetensorError, safe_open
 
         check_header(path, f"--{flag} weights file")

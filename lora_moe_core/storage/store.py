@@ -342,6 +342,14 @@ class Storage:
         base = text if text.endswith("/") else text + "/"
         return [base + rel for rel in sorted(self._s3_objects(text))]
 
+    def sizes(self, prefix_uri: PathOrUri) -> dict[str, int]:
+        """``{path or URI: size in bytes}`` of every file/object under a folder (one listing on S3)."""
+        text = os.fspath(prefix_uri)
+        if not is_s3(text):
+            return {str(path): path.stat().st_size for path in _local_files(Path(text))}
+        base = text if text.endswith("/") else text + "/"
+        return {base + rel: size for rel, (size, _) in self._s3_objects(text).items()}
+
     def delete(self, uri: PathOrUri) -> None:
         """Delete one file/object; deleting a missing one is not an error (as in S3)."""
         text = os.fspath(uri)

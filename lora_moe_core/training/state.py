@@ -6,7 +6,9 @@ from the previous one. Every file is written to a hidden temporary name and rena
 file is always whole; the two data files are flushed to disk before the marker is written, and the marker
 records their size and SHA-256, so a file damaged later (a node crash before the page cache reached the disk,
 a truncated copy) is noticed on resume and that save skipped for the previous one, as object stores verify
-checksums. Nothing is pickled: a resume path given by a user is read with safetensors and JSON.
+checksums. A legacy marker (written before checksums were recorded: no ``files``) is still read; its files must
+then be whole safetensors files, checked from their headers before anything is loaded. Nothing is pickled: a
+resume path given by a user is read with safetensors and JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from lora_moe_core.errors import UserError
-from lora_moe_core.formats.safetensors_io import read_safetensors, write_safetensors
+from lora_moe_core.formats.safetensors_io import read_safetensors, whole_file_problem, write_safetensors
 from lora_moe_core.guards.parse import load_json
 from lora_moe_core.training.saved_state import StateEscape, read_marker
 
@@ -173,11 +175,15 @@ def check_save(marker: Path) -> str | None:
         path = marker.parent / name
         if not path.is_file():
             return f"{name} is missing"
-        if name in recorded:  # markers written before checksums were recorded only have the names
+        if name in recorded:
             actual = file_digest(path)
             if actual != recorded[name]:
                 what = "size" if actual["bytes"] != recorded[name].get("bytes") else "SHA-256"
                 return f"{name} is damaged ({what} differs from the one recorded at save time)"
+        elif (problem := whole_file_problem(path, "saved state")) is not None:
+            # a legacy marker, written before checksums were recorded, names its files only: they must at least be
+            # whole safetensors files (a truncated copy is found here, before anything is loaded)
+            return f"{name} is damaged ({problem})"
     return None
 
 
