@@ -12,7 +12,8 @@ that same Stage-1 LoRA for the same number of optimizer steps:
   routed    Stage 2 as shipped: learned router on caption-derived labels, teacher KL, top-2, timestep gates
   shuffled  the same, with the labels permuted across training clips
   uniform   the same, with routing_mode uniform (every expert gated 0.25)
-  vanilla   one LoRA of the experts' total rank (4×) at the experts' per-rank scaling, on the merged Stage 1
+  vanilla   one LoRA of the experts' total rank (4×) at the experts' per-rank scaling over the frozen Stage 1:
+            the pipeline's matched single-LoRA arm (lora_moe_core.training.baseline_arm) of the routed arm
   oracle    four vanilla LoRAs of one expert's rank, each trained on one family only, each evaluated on its own
 
 All arms minimise the flow-matching loss that is evaluated (ROI and temporal terms off), early stopping is off, and

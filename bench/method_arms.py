@@ -1,7 +1,8 @@
 """The arms of the specialisation benchmark (bench/method.py): training and held-out evaluation of each.
 
 Every arm trains with the library's own :class:`TrainingLoop` and recipes on the tiny Wan2.2 pair and is measured
-with ``evaluation.specialisation`` / ``evaluation.metrics`` at the same fixed (t, noise) pairs.
+with ``evaluation.specialisation`` / ``evaluation.arms`` at the same fixed (t, noise) pairs. The vanilla arms are
+the pipeline's matched single-LoRA arm (``training.baseline_arm``), made from the routed arm's Stage-2 config.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import numpy as np
 import torch
 
 from lora_moe_core.adapters.checkpoint import load_network
-from lora_moe_core.adapters.lora import add_to_weight
-from lora_moe_core.adapters.network import LoRANetwork, module_name
 from lora_moe_core.config import Config, load_config
 from lora_moe_core.data.latent_cache import CacheEntry
+from lora_moe_core.evaluation import arms as arm_evaluation
 from lora_moe_core.evaluation import specialisation as spec
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.lora_files import read_lora
 from lora_moe_core.model.loading import load_dits
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.tracker import NullTracker
+from lora_moe_core.training.baseline_arm import BaselineArmRecipe, matched_lora_config
 from lora_moe_core.training.loop import TrainingLoop
 from lora_moe_core.training.monitor import EarlyStopping
 from lora_moe_core.training.recipes import Stage1Recipe, Stage2Recipe
@@ -34,8 +35,6 @@ BOUNDARY = get_task("tiny").boundary_ratio
 #: Stage-2 arms minimise the same loss that is evaluated (the flow-matching loss), like the vanilla arms: the ROI
 #: and temporal terms are off everywhere; the seed's routing terms (entropy, balance, teacher KL) stay on.
 SAME_OBJECTIVE = {"weight_roi_recon": 0.0, "use_temporal_loss": False}
-EXPERT_RANKS = {"rank_q": 8, "rank_k": 4, "rank_v": 4, "rank_o": 4, "rank_ffn": 4}  # demo Stage-2 experts
-EXPERT_ALPHA = 4.0  # demo lora_alpha: scaling 1 per rank-4 expert
 
 
 class _NeverStop(EarlyStopping):
@@ -53,24 +52,10 @@ def _train(config: Config, recipe, entries: list[CacheEntry], out: Path) -> tupl
     return final, loop.state.step, loop.state.history
 
 
-def merged_dits(stage1: Path) -> dict[str, torch.nn.Module]:
-    """Fresh tiny DiTs with the Stage-1 LoRA folded into their weights (the frozen base of the vanilla arms)."""
-    dits = load_dits("tiny")
-    network = LoRANetwork.from_modules(read_lora(stage1).modules, linear_shapes(dits["high"]))
-    for dit in {id(d): d for d in dits.values()}.values():
-        for key, lora in network.loras.items():
-            add_to_weight(dit.get_submodule(module_name(key)), lora.delta_weight())
-    return dits
-
-
-def lora_clip_losses(lora: Path | None, heldout: list[CacheEntry], stage1: Path | None = None) -> np.ndarray:
-    """Per-clip held-out loss ``[N]`` of the tiny DiTs (+ Stage 1 merged) + a LoRA file, at the fixed pairs."""
-    dits = merged_dits(stage1) if stage1 is not None else load_dits("tiny")
-    if lora is not None:
-        network = LoRANetwork.from_modules(read_lora(lora).modules, linear_shapes(dits["high"]))
-        for dit in {id(d): d for d in dits.values()}.values():
-            network.apply_to(dit)
-    return spec.clip_losses(heldout, dits, BOUNDARY, {"plain": lambda batch: None})["plain"]
+def lora_clip_losses(lora: Path, heldout: list[CacheEntry], stage1: Path | None = None) -> np.ndarray:
+    """Per-clip held-out loss ``[N]`` of the tiny DiTs (+ the frozen Stage-1 LoRA) + a LoRA file, at the fixed pairs."""
+    base = read_lora(stage1).modules if stage1 is not None else None
+    return arm_evaluation.lora_clip_losses(heldout, load_dits("tiny"), BOUNDARY, read_lora(lora).modules, base)
 
 
 def train_stage1(train: list[CacheEntry], seed: int, epochs: int, out: Path) -> tuple[Path, list[Path], list[dict]]:
@@ -94,14 +79,17 @@ def shuffled_labels(entries: list[CacheEntry], seed: int) -> list[CacheEntry]:
             for entry, j in zip(entries, order, strict=True)]  # fmt: skip
 
 
+def stage2_config(seed: int, epochs: int, stage1: Path, out: Path, **overrides) -> Config:
+    """The Stage-2 arms' config: the demo Stage 2 from ``stage1``, minimising the evaluated loss."""
+    overrides = {"seed": seed, "num_train_epochs": epochs, "output_dir": str(out), "base_lora_weights": str(stage1),
+                 **SAME_OBJECTIVE, **overrides}  # fmt: skip
+    return load_config(DEMO / "lora_moe_stage_b_merged.toml", overrides)
+
+
 def train_stage2(arm: str, train: list[CacheEntry], seed: int, epochs: int, stage1: Path, out: Path):
     """A Stage-2 arm from the Stage-1 plateau: ``routed`` (learned router on caption labels), ``shuffled`` (the
     same with labels permuted across clips) or ``uniform`` (routing_mode uniform). Returns (checkpoint, steps)."""
-    overrides = {"seed": seed, "num_train_epochs": epochs, "output_dir": str(out), "base_lora_weights": str(stage1),
-                 **SAME_OBJECTIVE}  # fmt: skip
-    if arm == "uniform":
-        overrides["routing_mode"] = "uniform"
-    config = load_config(DEMO / "lora_moe_stage_b_merged.toml", overrides)
+    config = stage2_config(seed, epochs, stage1, out, **({"routing_mode": "uniform"} if arm == "uniform" else {}))
     entries = shuffled_labels(train, seed) if arm == "shuffled" else train
     torch.manual_seed(seed)
     recipe = Stage2Recipe(config, load_dits("tiny"), CPU, family_prior=family_prior(entries))
@@ -119,13 +107,13 @@ def evaluate_stage2(checkpoint: Path, heldout: list[CacheEntry]) -> tuple[dict[s
 
 
 def train_vanilla(entries: list[CacheEntry], seed: int, epochs: int, stage1: Path, out: Path, scale: int) -> tuple:
-    """A vanilla LoRA over the merged Stage-1 plateau, ``scale``× an expert's ranks and alpha (4: Stage 2's total
-    trainable rank at the experts' per-rank scaling; 1: one expert, the per-family oracle). Returns (file, steps)."""
-    ranks = {name: rank * scale for name, rank in EXPERT_RANKS.items()}
-    config = load_config(DEMO / "vanilla_lora.toml", {"seed": seed, "num_train_epochs": epochs, "output_dir": str(out),
-                                                       "lora_alpha": EXPERT_ALPHA * scale, **ranks})  # fmt: skip
+    """The matched single-LoRA arm of the routed arm's Stage 2 (the pipeline's ``baseline_arm``) over the frozen
+    Stage-1 plateau, ``scale``× an expert's ranks and alpha (4: Stage 2's total trainable rank at the experts'
+    per-rank scaling; 1: one expert, the per-family oracle). Returns (file, steps)."""
+    config = matched_lora_config(stage2_config(seed, epochs, stage1, out), experts=scale)
+    config.training.output_dir = str(out)
     torch.manual_seed(seed)
-    final, steps, _ = _train(config, Stage1Recipe(config, merged_dits(stage1), CPU), entries, out)
+    final, steps, _ = _train(config, BaselineArmRecipe(config, load_dits("tiny"), CPU), entries, out)
     return final, steps
 
 

@@ -12,6 +12,7 @@ from components.label_captions import label_captions
 from components.prepare_data import plan_shards, prepare_data
 from components.register_model import register_model
 from components.tracking import finish_tracking, start_tracking
+from components.train_baseline_arm import skip_baseline_arm, train_baseline_arm
 from components.train_stage1 import import_stage1, train_stage1
 from components.train_stage2 import train_stage2
 
@@ -26,7 +27,9 @@ __all__ = [
     "plan_shards",
     "prepare_data",
     "register_model",
+    "skip_baseline_arm",
     "start_tracking",
+    "train_baseline_arm",
     "train_stage1",
     "train_stage2",
 ]

@@ -27,6 +27,7 @@ def evaluate(
     report: Output[HTML],
     tracking: dict,
     kfp_task_name: str,
+    matched_lora_uri: str = "",
 ):
     """Evaluate on the held-out latent cache.
 
@@ -34,6 +35,8 @@ def evaluate(
     clips inlined (the KFP UI shows one self-contained file). The evaluation logs metrics, plots, report and clips
     to its own MLflow run, a child of the pipeline's. Sample clips: ``samples_per_family`` per family,
     ``sample_width`` × ``sample_height`` × ``sample_frames``, ``sample_steps`` denoising steps.
+    ``matched_lora_uri``: the matched single-LoRA arm ("" when ``baseline_arm`` is off); with it the report opens
+    with LoRA-MoE vs matched LoRA per family, and each arm gets an MLflow run with the same metric names.
     """
     import json
     import tempfile
@@ -56,10 +59,14 @@ def evaluate(
     # the training curves: each trainer's state file lies beside the weights it wrote to the store, not beside
     # the downloaded copy or the KFP artifact file read here
     states = {"stage1_state": state_beside(stage1_lora_uri), "stage2_state": state_beside(lora_moe.metadata.get("uri"))}
+    matched = matched_lora_uri or None
+    if is_s3(matched_lora_uri):
+        matched = str(Storage().download(matched_lora_uri, scratch / "matched_lora.safetensors"))
     settings = EvaluationSettings(task=task, lora_moe_weights=lora_moe.path, base_lora_weights=stage1,
                                   cache=eval_cache_uri, output_dir=str(out), model=source,
                                   samples_per_family=samples_per_family, sample_steps=sample_steps,
                                   sample_size=(sample_width, sample_height, sample_frames), seed=seed,
+                                  matched_lora_weights=matched, matched_lora_state=state_beside(matched_lora_uri),
                                   **states)  # fmt: skip
     run_evaluation(settings, context)  # logs its own MLflow run, a child of the pipeline's
     for key, value in sorted(json.loads((out / "metrics.json").read_text()).items()):

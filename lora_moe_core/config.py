@@ -235,11 +235,23 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
     experiment: str = Field(EXPERIMENT, description="MLflow experiment name")
+    baseline_arm: bool = Field(
+        False,
+        description="with a stage_b config: train the matched single-LoRA arm instead of the experts (one LoRA of "
+        "their total rank over the frozen Stage-1 LoRA, same clips, steps and non-routing losses) into "
+        "<output_dir>_matched_lora; compare with `lora-moe evaluate --matched_lora_weights`",
+    )
 
     @model_validator(mode="after")
     def _check_memory_modes(self) -> TrainingConfig:
         if self.fp8_fast and not self.fp8_base:
             raise ValueError("fp8_fast needs fp8_base (the fast matmuls read the fp8 weights)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_baseline_arm(self) -> TrainingConfig:
+        if self.baseline_arm and self.training_stage == "stage_c":
+            raise ValueError("the baseline arm is matched to a stage_b run (experts + router), not to stage_c")
         return self
 
 

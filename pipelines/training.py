@@ -20,7 +20,9 @@ from components import (
     plan_shards,
     prepare_data,
     register_model,
+    skip_baseline_arm,
     start_tracking,
+    train_baseline_arm,
     train_stage1,
     train_stage2,
 )
@@ -77,6 +79,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         stage2_learning_rate: float = SEED_STAGE2["learning_rate"],
         seed: int = SEED_STAGE2["seed"],
         gpus_per_step: int = 1,
+        baseline_arm: bool = True,
         samples_per_family: int = 1,
         sample_steps: int = 30,
         sample_width: int = 832,
@@ -95,8 +98,9 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         2. ``label-captions``: caption keywords → the four instrument families, training and held-out sets.
         3. ``cache-latents``: VAE + UMT5 encoding, fanned out over ``cache_shards`` GPUs (``dsl.ParallelFor``).
         4. Stage 1: ``train-stage1``, or ``import-stage1`` when ``stage1_lora_uri`` is given (``dsl.If``).
-        5. ``train-stage2``: experts + router on the frozen Stage-1 LoRA.
-        6. ``evaluate``: held-out losses, routing, sample clips → metrics and an HTML report.
+        5. ``train-stage2``: experts + router on the frozen Stage-1 LoRA; beside it (``baseline_arm``, ``dsl.If``)
+           ``train-baseline-arm``: one LoRA matched to it (same Stage 1, clips, steps and trainable parameters).
+        6. ``evaluate``: held-out losses, routing, LoRA-MoE vs the matched LoRA, sample clips → metrics and a report.
         7. ``infer-export``: one video per prompt and one standard LoRA per instrument.
         8. ``register-model``: a new version in the MLflow registry, aliased ``model_alias``.
         The MLflow parent run (``start-tracking``) is ended by ``finish-tracking`` even when a step fails.
@@ -130,6 +134,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             stage2_learning_rate: 4 Stage 2 · AdamW learning rate of experts and router.
             seed: 4 Stage 2 · random seed of both stages, evaluation noise and sample videos.
             gpus_per_step: 4 Stage 2 · GPUs of each training step (torchrun); caching, evaluation, inference use 1.
+            baseline_arm: 4 Stage 2 · also train one LoRA matched to Stage 2 (parameters, steps, Stage 1, clips) and
+                open the report with LoRA-MoE vs it per family: is the mixture worth it on this data?
             samples_per_family: 5 evaluation · generated clips per instrument family in the report (0: none).
             sample_steps: 5 evaluation · denoising steps of report clips and sample videos.
             sample_width: 5 evaluation · width of report clips and sample videos (multiple of 16).
@@ -264,6 +270,32 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             gpus=gpus_per_step,
             timeout_s=s.train_timeout_s,
         )
+        with dsl.If(baseline_arm == True, name="baseline-arm"):  # noqa: E712 - a pipeline channel, not a bool
+            arm = gpu(
+                train_baseline_arm(
+                    cache_uri=data.outputs["train_cache_uri"],
+                    stage1_lora_uri=stage1_lora_uri_out,
+                    config=stage2_config,
+                    task=task,
+                    base_model_uri=base_model_uri,
+                    dit_uri=dit_uri,
+                    dit_high_noise_uri=dit_high_noise_uri,
+                    vae_uri=vae_uri,
+                    t5_uri=t5_uri,
+                    num_train_epochs=stage2_epochs,
+                    learning_rate=stage2_learning_rate,
+                    seed=seed,
+                    gpus=gpus_per_step,
+                    run_uri=data.outputs["run_uri"],
+                    **context,
+                ).after(cache),
+                gpus=gpus_per_step,
+                timeout_s=s.train_timeout_s,
+            )
+        with dsl.Else(name="no-baseline-arm"):
+            no_arm = cpu(skip_baseline_arm(), s3=False, mlflow=False)
+        matched_lora_uri = dsl.OneOf(arm.outputs["Output"], no_arm.output)
+
         evaluation = gpu(
             evaluate(
                 eval_cache_uri=data.outputs["eval_cache_uri"],
@@ -281,6 +313,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                 sample_height=sample_height,
                 sample_frames=sample_frames,
                 seed=seed,
+                matched_lora_uri=matched_lora_uri,
                 **context,
             ).after(eval_cache)
         )

@@ -1,4 +1,5 @@
-"""`lora-moe evaluate` and `register`: metrics.json keys, report.html in headless Chromium, registry, bad input."""
+"""`lora-moe evaluate` and `register`: metrics.json keys, report.html in headless Chromium, registry, bad input;
+LoRA-MoE vs the matched single-LoRA arm (`lora-moe train --baseline_arm`, issue 25) in metrics, report and MLflow."""
 
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ def trained(tiny_cache, tmp_path_factory) -> dict[str, Path]:
     assert main(["train", "--config", str(DEMO / "vanilla_lora.toml"), "--cache", tiny_cache,
                  "--output_dir", str(root / "stage1"), "--num_train_epochs", "2"]) == 0  # fmt: skip
     stage1 = root / "stage1" / "lora_final.safetensors"
-    assert main(["train", "--config", str(DEMO / "lora_moe_stage_b_merged.toml"), "--cache", tiny_cache,
-                 "--base_lora_weights", str(stage1), "--output_dir", str(root / "stage2"),
-                 "--num_train_epochs", "4"]) == 0  # fmt: skip
+    stage2 = ["train", "--config", str(DEMO / "lora_moe_stage_b_merged.toml"), "--cache", tiny_cache,
+              "--base_lora_weights", str(stage1), "--output_dir", str(root / "stage2"),
+              "--num_train_epochs", "4"]  # fmt: skip
+    assert main(stage2) == 0
+    assert main([*stage2, "--baseline_arm"]) == 0  # the same command: its matched single LoRA, beside Stage 2
     assert main(["train-classifier", "--cache", tiny_cache, "--output", str(root / "classifier.safetensors"),
                  "--epochs", "2"]) == 0  # fmt: skip
     return {"root": root, "stage1": stage1, "stage2": root / "stage2" / "lora_moe_final.safetensors",
+            "arm": root / "stage2_matched_lora" / "lora_final.safetensors",
             "classifier": root / "classifier.safetensors"}  # fmt: skip
 
 
@@ -42,8 +46,8 @@ def _evaluate_argv(trained, cache: str, out: Path, *extra: str) -> list[str]:
 def evaluated(trained, tiny_cache) -> Path:
     out = trained["root"] / "eval"
     argv = _evaluate_argv(trained, tiny_cache, out, "--classifier_weights", str(trained["classifier"]),
-                          "--samples_per_family", "1", "--sample_steps", "2",
-                          "--sample_size", "32", "32", "9")  # fmt: skip
+                          "--samples_per_family", "1", "--sample_steps", "2", "--sample_size", "32", "32", "9",
+                          "--matched_lora_weights", str(trained["arm"]))  # fmt: skip
     assert main(argv) == 0
     return out
 
@@ -79,6 +83,63 @@ def test_metrics_json_has_the_specialisation_evidence(evaluated):
     # the learned route on the same (t, noise) pairs is exactly what val_loss.all.stage2 measured
     assert metrics["gates.learned.val_loss"] == pytest.approx(metrics["val_loss.all.stage2"], rel=1e-5)
     assert metrics["gates.uniform.val_loss"] > 0
+
+
+def test_the_arm_is_trained_as_matched(trained):
+    """`train --baseline_arm` on the Stage-2 command: a plain LoRA of 4× the experts' ranks, same steps."""
+    from lora_moe_core.formats.lora_files import read_lora
+
+    arm = read_lora(trained["arm"])
+    assert arm.format == "musubi" and arm.modules["blocks.3.attn1.to_q"].rank == 32
+    assert arm.modules["blocks.1.ffn.net.0.proj"].rank == 16 and "blocks.0.ffn.net.0.proj" not in arm.modules
+    assert sum(m.down.numel() + m.up.numel() for m in arm.modules.values()) == 18_048
+    config = json.loads(arm.metadata["lora_moe.config"])
+    assert config["training"]["baseline_arm"] and config["lora_moe"]["base_lora_weights"] == str(trained["stage1"])
+    steps = [json.loads((path.parent / "training_state_final.json").read_text())["step"]
+             for path in (trained["stage2"], trained["arm"])]  # fmt: skip
+    assert steps == [16, 16]  # 8 clips, 2 per optimizer step, 4 epochs each
+    assert any(m.up.abs().sum() > 0 for m in arm.modules.values())
+
+
+def test_metrics_compare_lora_moe_with_the_matched_lora(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert (metrics["params.trainable.stage2"], metrics["params.trainable.matched_lora"]) == (18_636, 18_048)
+    assert metrics["steps.stage2"] == metrics["steps.matched_lora"] == 16
+    groups = [group for group in (*FAMILIES, "all") if f"vs_matched_lora.{group}.difference" in metrics]
+    assert len(groups) == 5 and metrics["vs_matched_lora.all.clips"] == 8
+    for group in groups:
+        moe, lora = metrics[f"val_loss.{group}.stage2"], metrics[f"val_loss.{group}.matched_lora"]
+        # the arms' per-clip losses at the very (t, noise) pairs val_loss.*.stage2 averages
+        assert metrics[f"vs_matched_lora.{group}.difference"] == pytest.approx(moe - lora, abs=1e-6)
+        assert metrics[f"vs_matched_lora.{group}.relative"] == pytest.approx(moe / lora - 1, abs=1e-6)
+        assert metrics[f"vs_matched_lora.{group}.ci_low"] <= metrics[f"vs_matched_lora.{group}.ci_high"]
+        assert lora != moe and lora < metrics[f"val_loss.{group}.base"]  # a trained arm, not Stage 2 or the base
+
+
+def test_both_arms_are_mlflow_runs_with_the_same_metric_names(evaluated):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{evaluated / 'mlruns.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("lora-moe").experiment_id])}
+    evaluation, moe, lora = runs["evaluate-eval"], runs["arm-lora_moe"], runs["arm-matched_lora"]
+    names = {*(f"val_loss.{group}" for group in (*FAMILIES, "all")), "trainable_parameters", "train_steps"}
+    assert set(moe.data.metrics) == set(lora.data.metrics) == names
+    assert (moe.data.metrics["trainable_parameters"], lora.data.metrics["trainable_parameters"]) == (18_636, 18_048)
+    assert moe.data.metrics["val_loss.all"] == evaluation.data.metrics["val_loss.all.stage2"]
+    assert lora.data.metrics["val_loss.all"] == evaluation.data.metrics["val_loss.all.matched_lora"]
+    for run in (moe, lora):  # a plain `lora-moe evaluate` has no pipeline parent: they sit under its run
+        assert run.info.status == "FINISHED" and run.data.tags["stage"] == "arm"
+        assert run.data.tags["mlflow.parentRunId"] == evaluation.info.run_id
+
+
+def test_the_report_opens_with_lora_moe_vs_the_matched_lora(evaluated):
+    page = (evaluated / "report.html").read_text()
+    body = page[page.index("<body>") :]
+    assert body.index("<h2>LoRA-MoE vs matched LoRA</h2>") < body.index("<h2>") + 1  # the first section
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    difference, low, high = (metrics[f"vs_matched_lora.all.{key}"] for key in ("difference", "ci_low", "ci_high"))
+    assert "<th>all</th><td>8</td>" in body and f"{difference:+.4f} ({low:+.4f} to {high:+.4f})" in body
+    assert "Trainable parameters: LoRA-MoE 18,636" in body and "matched LoRA 18,048" in body
 
 
 def test_stage2_fits_held_out_clips_better_than_stage1(evaluated):
@@ -143,6 +204,10 @@ def test_bad_evaluation_inputs(trained, tiny_cache, tmp_path, capsys):
     def fails(argv, *words):
         assert_one_line_error(capsys, argv, *words)
 
+    fails(_evaluate_argv(trained, tiny_cache, tmp_path / "e", "--samples_per_family", "0", "--matched_lora_weights",
+                         str(trained["stage1"])), "is not a matched-LoRA arm", "--baseline_arm")  # fmt: skip
+    assert not (tmp_path / "e").exists()  # refused before any output
+
     unlabelled = unlabelled_copy(tiny_cache, tmp_path / "unlabelled")
     fails(_evaluate_argv(trained, unlabelled, tmp_path / "e", "--samples_per_family", "0"), "no instrument labels")
     fails(_evaluate_argv(trained, tiny_cache, tmp_path / "e", "--samples_per_family", "0", "--task", "t2v-A14B"),
@@ -191,7 +256,8 @@ class _Metrics:
 
 def test_evaluate_step_plots_both_stages_from_the_store(trained, tiny_cache, tmp_path, monkeypatch):
     """The pipeline's evaluate step reads Stage 2 from a KFP artifact file, whose folder holds no training state
-    (make run's report showed Stage 1 only): the curves come from the state files beside the weights in the store."""
+    (make run's report showed Stage 1 only): the curves come from the state files beside the weights in the store.
+    The matched arm arrives as a URI in the store: its comparison and step count reach the step's KFP metrics."""
     import types
 
     from components.evaluate import evaluate
@@ -210,8 +276,11 @@ def test_evaluate_step_plots_both_stages_from_the_store(trained, tiny_cache, tmp
     evaluate.python_func(eval_cache_uri=tiny_cache, lora_moe=lora_moe, stage1_lora_uri=str(trained["stage1"]),
                          task="tiny", base_model_uri="", dit_uri="", dit_high_noise_uri="", vae_uri="", t5_uri="",
                          samples_per_family=0, sample_steps=2, sample_width=32, sample_height=32, sample_frames=9,
-                         seed=0, metrics=_Metrics(), report=report, tracking={}, kfp_task_name="evaluate")  # fmt: skip
+                         seed=0, metrics=(kfp_metrics := _Metrics()), report=report, tracking={},
+                         kfp_task_name="evaluate", matched_lora_uri=str(trained["arm"]))  # fmt: skip
     [histories] = seen
+    assert kfp_metrics.values["steps.matched_lora"] == kfp_metrics.values["steps.stage2"] == 16
+    assert "vs_matched_lora.all.ci_high" in kfp_metrics.values
     assert [record["epoch"] for record in histories["stage1"]] == [1, 2]  # the fixture's --num_train_epochs
     assert [record["epoch"] for record in histories["stage2"]] == [1, 2, 3, 4]
     assert "training_curves" in (tmp_path / "report.html").read_text()

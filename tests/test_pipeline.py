@@ -27,7 +27,8 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from tests.helpers import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_STEPS = {"cache-latents", "cache-latents-2", "train-stage1", "train-stage2", "evaluate", "infer-export"}
+GPU_STEPS = {"cache-latents", "cache-latents-2", "train-stage1", "train-stage2", "train-baseline-arm", "evaluate",
+             "infer-export"}  # fmt: skip
 
 
 @pytest.fixture
@@ -104,8 +105,8 @@ def test_training_ir_dag(compiled):
     assert spec.pipeline_info.name == "lora-moe-training"
     tasks = tasks_by_name(ir)
     steps = {"start-tracking", "prepare-data", "label-captions", "label-captions-2", "plan-shards", "cache-latents",
-             "cache-latents-2", "train-stage1", "import-stage1", "train-stage2", "evaluate", "infer-export",
-             "register-model", "finish-tracking"}  # fmt: skip
+             "cache-latents-2", "train-stage1", "import-stage1", "train-stage2", "train-baseline-arm",
+             "skip-baseline-arm", "evaluate", "infer-export", "register-model", "finish-tracking"}  # fmt: skip
     assert steps <= set(tasks)
     root = ir["root"]["dag"]["tasks"]
     loop = next(name for name, task in root.items() if "parameterIterator" in task)
@@ -143,6 +144,27 @@ def test_stage1_is_conditional_on_the_lora_uri(compiled):
         assert uri["taskOutputParameter"]["producerTask"] == group.removeprefix("comp-")
 
 
+def test_baseline_arm_runs_beside_stage2_and_feeds_the_evaluation(compiled):
+    """The matched single-LoRA arm: a dsl.If/Else on baseline_arm (default on) in parallel with Stage 2, from the
+    same Stage-1 URI and cache; the evaluation takes its URI from whichever branch ran ("" when skipped)."""
+    ir, _, _ = compiled["training"]
+    tasks = tasks_by_name(ir)
+    branch_of = {step: tasks[step][0].removeprefix("comp-") for step in ("train-baseline-arm", "skip-baseline-arm")}
+    conditions = {step: tasks[branch][1]["triggerPolicy"]["condition"] for step, branch in branch_of.items()}
+    assert "pipelinechannel--baseline_arm" in conditions["train-baseline-arm"]
+    assert conditions["skip-baseline-arm"].startswith("!(")
+    group = tasks[branch_of["train-baseline-arm"]][0]
+    assert group == tasks[branch_of["skip-baseline-arm"]][0] and group.startswith("comp-condition-branches-")
+    arm, stage2 = tasks["train-baseline-arm"][1], tasks["train-stage2"][1]
+    assert "train-stage2" not in arm.get("dependentTasks", []) and "train-baseline-arm" not in stage2.get(
+        "dependentTasks", []
+    )  # side by side
+    assert set(arm["inputs"]["parameters"]) == set(stage2["inputs"]["parameters"])  # the same arguments as Stage 2
+    uri = tasks["evaluate"][1]["inputs"]["parameters"]["matched_lora_uri"]
+    assert uri["taskOutputParameter"]["producerTask"] == group.removeprefix("comp-")
+    assert ir["root"]["inputDefinitions"]["parameters"]["baseline_arm"]["defaultValue"] is True
+
+
 def test_images_and_resources(compiled):
     ir, spec, executors = compiled["training"]
     images = {name: e["container"]["image"] for name, e in ir["deploymentSpec"]["executors"].items()}
@@ -170,7 +192,7 @@ def test_images_and_resources(compiled):
         assert config.active_deadline_seconds > 0
     for name in set(images) - gpu:  # CPU steps: no GPU pool, no toleration
         assert not executors[name].node_selector.labels and not executors[name].tolerations
-    trains = ("exec-train-stage1", "exec-train-stage2")
+    trains = ("exec-train-stage1", "exec-train-stage2", "exec-train-baseline-arm")
     for name in trains:  # GPUs per training step come from the run form
         count = ir["deploymentSpec"]["executors"][name]["container"]["resources"]["accelerator"]["resourceCount"]
         assert "pipelinechannel--gpus_per_step" in count
@@ -186,7 +208,7 @@ def test_credentials_only_from_secrets(compiled):
     ir, _, executors = compiled["training"]
     for name, config in executors.items():
         secrets = {s.secret_name: s for s in config.secret_as_env}
-        if name == "exec-plan-shards":
+        if name in ("exec-plan-shards", "exec-skip-baseline-arm"):
             assert not secrets  # touches neither MinIO nor MLflow
             continue
         assert "mlflow-credentials" in secrets and secrets["mlflow-credentials"].optional, name

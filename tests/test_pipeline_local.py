@@ -1,6 +1,7 @@
 """The whole training DAG through ``kfp.local`` (``lora-moe pipeline run``) on the tiny model, kept as small as the
-pipeline's parameters allow: a local folder + sqlite MLflow (what ``make run`` does), then MinIO-compatible S3
-(SeaweedFS) + a real ``mlflow server`` with the user's own Stage-1 LoRA (the ``import-stage1`` branch)."""
+pipeline's parameters allow: a local folder + sqlite MLflow (what ``make run`` does, here with the matched LoRA arm
+off: the ``skip-baseline-arm`` branch), then MinIO-compatible S3 (SeaweedFS) + a real ``mlflow server`` with the
+user's own Stage-1 LoRA (the ``import-stage1`` branch) and the arm on (issue 25)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def summary_paths(out: str) -> dict[str, Path]:
     return {key.strip(): Path(value.strip()) for key, _, value in (line.partition(":") for line in lines)}
 
 
-def check_outputs(paths: dict[str, Path]) -> None:
+def check_outputs(paths: dict[str, Path], arm: bool) -> None:
     from lora_moe_core.adapters.checkpoint import read_checkpoint
     from lora_moe_core.families import FAMILIES
 
@@ -40,10 +41,13 @@ def check_outputs(paths: dict[str, Path]) -> None:
     executor_output = json.loads((paths["evaluation report"].parent / "executor_output.json").read_text())
     metrics = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert 0.0 <= metrics["routing.accuracy"] <= 1.0 and "val_loss.all.stage2" in metrics
+    assert ("vs_matched_lora.all.difference" in metrics) == arm  # LoRA-MoE vs the matched LoRA: with the arm only
+    assert ('<h2>LoRA-MoE vs matched LoRA</h2><p class="arms">Over all' in report) == arm
 
 
-def check_mlflow(tracking_uri: str, imported_stage1: bool) -> dict:
-    """One FINISHED parent run tagged with the KFP run, a child run per step, and a registered version."""
+def check_mlflow(tracking_uri: str, imported_stage1: bool, arm: bool) -> dict:
+    """One FINISHED parent run tagged with the KFP run, a child run per step, and a registered version; with the
+    arm, its training run and one run per arm (same metric names, for MLflow's compare view)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -59,7 +63,17 @@ def check_mlflow(tracking_uri: str, imported_stage1: bool) -> dict:
     assert len(children) == len(runs) - 1  # every other run is a step of this pipeline run
     assert all(r.info.status == "FINISHED" and r.data.tags["kfp.run_id"] == kfp_run_id for r in children)
     stages = {r.data.tags.get("stage") for r in children}
-    assert STEP_STAGES | {"stage_a"} == stages
+    assert STEP_STAGES | {"stage_a"} | ({"baseline_arm", "arm"} if arm else set()) == stages
+    arms = {r.data.tags["arm"]: r for r in children if r.data.tags.get("stage") == "arm"}
+    assert set(arms) == ({"lora_moe", "matched_lora"} if arm else set())
+    if arm:
+        keys = set(arms["lora_moe"].data.metrics)
+        assert keys == set(arms["matched_lora"].data.metrics)  # the same names: MLflow's compare view lines them up
+        always = {"val_loss.all", "trainable_parameters", "train_steps"}
+        families = {f"val_loss.{family}" for family in ("Scissors", "Hook", "Suction", "Other")}
+        assert always <= keys <= always | families and keys & families  # the families with held-out clips
+        assert arms["lora_moe"].data.metrics["train_steps"] == arms["matched_lora"].data.metrics["train_steps"]
+        assert all(r.data.tags["kfp.task"] == "evaluate" for r in arms.values())
     names = {r.info.run_name for r in children}
     assert {"cache 0/2", "cache 1/2", "cache 0/1"} <= names
     assert ("import-stage1" in names) == imported_stage1 and ("stage_a-vanilla_lora" in names) != imported_stage1
@@ -72,15 +86,15 @@ def check_mlflow(tracking_uri: str, imported_stage1: bool) -> dict:
 def test_local_run_folder_store_and_sqlite(tmp_path, capsys, lora_moe):  # noqa: F811
     from mlflow import MlflowClient
 
-    assert lora_moe(["pipeline", "run", "--output_dir", str(tmp_path), *TINY]) == 0
+    assert lora_moe(["pipeline", "run", "--output_dir", str(tmp_path), "--param", "baseline_arm=false", *TINY]) == 0
     out = capsys.readouterr().out
     paths = summary_paths(out)
-    check_outputs(paths)
+    check_outputs(paths, arm=False)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = MlflowClient(tracking_uri).get_experiment_by_name("lora-moe").experiment_id
     assert (f"MLflow runs:          mlflow ui --backend-store-uri {tracking_uri}, then open http://127.0.0.1:5000/"
             f"#/experiments/{experiment_id}/runs?workflowType=machine_learning") in out  # fmt: skip
-    kfp_run_id = check_mlflow(tracking_uri, imported_stage1=False)["kfp_run_id"]
+    kfp_run_id = check_mlflow(tracking_uri, imported_stage1=False, arm=False)["kfp_run_id"]
     run = tmp_path / "store" / "runs" / kfp_run_id  # big data in the folder store, by run
     assert (run / "stage1" / "lora_final.safetensors").is_file()
     assert (run / "stage2" / "lora_moe_final.safetensors").is_file()
@@ -145,12 +159,13 @@ def test_local_run_on_s3_and_mlflow_server(tmp_path, capsys, lora_moe, s3_env, m
     experiment_id = MlflowClient(mlflow_server.uri).get_experiment_by_name("lora-moe").experiment_id
     link = f"{mlflow_server.uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"  # no user:pw@
     assert f"MLflow runs:          {link}" in out and not (tmp_path / "mlflow.db").exists()
-    check_outputs(summary_paths(out))
-    kfp_run_id = check_mlflow(mlflow_server.uri, imported_stage1=True)["kfp_run_id"]
+    check_outputs(summary_paths(out), arm=True)
+    kfp_run_id = check_mlflow(mlflow_server.uri, imported_stage1=True, arm=True)["kfp_run_id"]
     objects = set(storage.list(prefix))
     run = f"{prefix}/runs/{kfp_run_id}"
     assert f"{prefix}/datasets/train/manifest.jsonl" in objects
     assert f"{run}/stage2/lora_moe_final.safetensors" in objects
+    assert f"{run}/matched_lora/lora_final.safetensors" in objects  # the arm, beside Stage 2
     assert sum(o.startswith(f"{run}/cache/train/") for o in objects) >= 6
     assert not any(o.startswith(f"{run}/stage1/") for o in objects)  # Stage 1 was imported, not trained
     assert not (tmp_path / "store").exists()  # nothing big went to the local folder

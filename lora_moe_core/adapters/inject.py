@@ -32,9 +32,13 @@ def wrap_linears(root: nn.Module, names: list[str], factory: Callable[[str, nn.L
 
 
 def unwrap_linears(root: nn.Module, wrapper_types: tuple[type, ...]) -> int:
-    """Put every wrapper's ``base_layer`` back in its place; returns how many were removed."""
+    """Put every wrapper's ``base_layer`` back in its place; returns how many were removed.
+
+    Innermost first: a wrapper around the base layer of another (a LoRA over a frozen one) is named
+    ``<outer>.base_layer``, a name that only means that wrapper while the outer one is still in place.
+    """
     wrapped = [name for name, module in root.named_modules() if isinstance(module, wrapper_types)]
-    for name in wrapped:
+    for name in reversed(wrapped):  # named_modules lists a parent before its children
         parent, child = _parent(root, name)
         wrapper = getattr(parent, child)
         if getattr(wrapper, "merged", False):

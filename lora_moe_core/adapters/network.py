@@ -48,6 +48,14 @@ def check_module_shape(name: str, shapes: dict[str, tuple[int, int]], in_feature
         )
 
 
+def _find(root: nn.Module, name: str) -> nn.Module | None:
+    """The submodule ``name`` of ``root``, or None (``wrap_linears`` then names the missing target)."""
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 class LoRANetwork(nn.Module):
     """Vanilla LoRA over a set of target linears (Stage 1).
 
@@ -78,12 +86,21 @@ class LoRANetwork(nn.Module):
             network.loras[module_key(name)] = lora
         return network.requires_grad_(False)
 
-    def apply_to(self, transformer: nn.Module, multiplier: float = 1.0) -> None:
-        """Wrap the target linears of ``transformer`` with :class:`LoRALinear` sharing this network's weights."""
+    def apply_to(self, transformer: nn.Module, multiplier: float = 1.0, inside: bool = False) -> None:
+        """Wrap the target linears of ``transformer`` with :class:`LoRALinear` sharing this network's weights.
+
+        Args:
+            inside: where a target already is a :class:`LoRALinear` (a frozen LoRA applied first), wrap the linear
+                inside it, so that both branches add up: ``W x + ΔW_frozen x + ΔW_this x``. Otherwise an adapted
+                target is refused (applying the same network twice is a bug).
+        """
         names = [module_name(key) for key in self.loras]
+        if inside:
+            names = [f"{name}.base_layer" if isinstance(_find(transformer, name), LoRALinear) else name
+                     for name in names]  # fmt: skip
 
         def factory(name: str, linear: nn.Linear) -> LoRALinear:
-            return LoRALinear(linear, self.loras[module_key(name)], multiplier)
+            return LoRALinear(linear, self.loras[module_key(name.removesuffix(".base_layer"))], multiplier)
 
         wrap_linears(transformer, names, factory)
 

@@ -141,11 +141,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   output_dir=args.output_dir, model=ModelSource.of(args),
                                   classifier_weights=args.classifier_weights,
                                   samples_per_family=args.samples_per_family, sample_steps=args.sample_steps,
-                                  sample_size=tuple(args.sample_size), seed=args.seed)  # fmt: skip
+                                  sample_size=tuple(args.sample_size), seed=args.seed,
+                                  matched_lora_weights=args.matched_lora_weights)  # fmt: skip
     metrics = run_evaluation(settings)
     for key in ("routing.accuracy", *(f"val_loss.{f}.stage2" for f in FAMILIES)):
         if key in metrics:
             print(f"{key} = {metrics[key]:.4f}")
+    if "vs_matched_lora.all.difference" in metrics:
+        from lora_moe_core.evaluation.arms import headline
+
+        print(headline(metrics))
     print(f"wrote {args.output_dir}/metrics.json and {args.output_dir}/report.html")
     return 0
 
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(evaluate)
     evaluate.add_argument("--lora_moe_weights", required=True, help="Stage-2 checkpoint")
     evaluate.add_argument("--base_lora_weights", help="Stage-1 LoRA (any format), evaluated as 'stage1'")
+    evaluate.add_argument("--matched_lora_weights",
+                          help="matched single-LoRA arm (`lora-moe train --baseline_arm`): LoRA-MoE vs it per "
+                          "family, with a bootstrap interval, at the top of report.html and in MLflow")  # fmt: skip
     evaluate.add_argument("--cache", required=True, help="held-out latent cache with labels (local or s3://)")
     evaluate.add_argument("--output_dir", required=True, help="folder for metrics.json, plots, report.html")
     evaluate.add_argument("--classifier_weights", help="instrument classifier (presence check, Fréchet features)")

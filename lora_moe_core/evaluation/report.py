@@ -44,16 +44,17 @@ def save_figure(figure, path: Path) -> Path:
 
 
 def plot_losses(metrics: dict, path: Path) -> Path:
-    """Held-out diffusion loss per family, base / Stage 1 / Stage 2 side by side."""
+    """Held-out diffusion loss per family, base / Stage 1 / Stage 2 (/ the matched LoRA arm) side by side."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     groups = [*FAMILIES, "all"]
-    width = 0.8 / len(MODELS)
-    for offset, model in enumerate(MODELS):
+    models = [*MODELS, *(["matched_lora"] if "val_loss.all.matched_lora" in metrics else [])]
+    width = 0.8 / len(models)
+    for offset, model in enumerate(models):
         values = [metrics.get(f"val_loss.{group}.{model}", np.nan) for group in groups]
         axis.bar(np.arange(len(groups)) + offset * width, values, width, label=model)
-    axis.set_xticks(np.arange(len(groups)) + width, groups)
-    values = [v for m in MODELS for g in groups if np.isfinite(v := metrics.get(f"val_loss.{g}.{m}", np.nan))]
+    axis.set_xticks(np.arange(len(groups)) + width * (len(models) - 1) / 2, groups)
+    values = [v for m in models for g in groups if np.isfinite(v := metrics.get(f"val_loss.{g}.{m}", np.nan))]
     if values:  # the models differ by a few percent: start the axis near the data so the difference shows
         span = max(values) - min(values)
         axis.set_ylim(min(values) - 0.5 * span - 1e-6, max(values) + 0.5 * span + 1e-6)
@@ -132,6 +133,8 @@ video{{width:256px;margin:2px}} figure{{display:inline-block;margin:4px 10px 4px
 figcaption{{font-size:85%;color:#444}} .pair{{display:inline-block;margin:6px 24px 6px 0;vertical-align:top}}
 </style></head>
 <body><h1>LoRA-MoE evaluation</h1>
+{arms}
+<h2>Routing and specialisation</h2>
 <p>{summary}</p>{mlflow}
 <h2>Held-out results by family</h2><table>{family_table}</table>
 <h2>Samples: Stage 1 and Stage 2, same prompt and noise</h2>{videos}
@@ -170,6 +173,14 @@ LEGEND = {
     "gates.learned.val_loss / gates.uniform.val_loss": "held-out loss of the same Stage-2 checkpoint with its "
     "learned (caption-routed) gates and with uniform gates (0.25 each)",
     "usage.<Family>": "mean gate of that expert over the held-out clips",
+    "val_loss.<Family>.matched_lora": "held-out loss of the matched single-LoRA arm (one LoRA of the experts' "
+    "total rank over the same Stage-1 LoRA, same clips, steps and non-routing losses), same (t, noise) pairs",
+    "vs_matched_lora.<Family>.difference / relative": "LoRA-MoE minus matched LoRA, mean over that family's clips "
+    "(negative: the mixture fits better), and as a share of the matched LoRA's loss",
+    "vs_matched_lora.<Family>.ci_low / ci_high": "95% percentile-bootstrap interval of that difference (clips "
+    "resampled, paired, fixed seed), conditional on these two checkpoints",
+    "params.trainable.stage2 / matched_lora, steps.stage2 / matched_lora": "each arm's trainable parameters "
+    "(Stage 2: experts, router, timestep gates) and optimizer steps",
     "samples.presence_accuracy": "instrument classifier finds the prompted family in generated clips "
     "(stands in for a tool-presence model; no downloaded weights exist)",
     "samples.flicker": "mean absolute frame-to-frame change of generated clips (lower is steadier)",
@@ -277,7 +288,10 @@ def write_report(metrics: dict, plots: list[Path], pairs: list[SamplePair], path
         f"<tr><th>{html.escape(key)}</th><td>{_cell(value)}</td></tr>" for key, value in sorted(metrics.items())
     )
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in LEGEND.items())
-    page = _PAGE.format(summary=html.escape(_summary(metrics)), mlflow=_mlflow_paragraph(list(mlflow_links)),
+    from lora_moe_core.evaluation.arms import report_section  # the trainer's modules: only when a report is made
+
+    page = _PAGE.format(arms=report_section(metrics), summary=html.escape(_summary(metrics)),
+                        mlflow=_mlflow_paragraph(list(mlflow_links)),
                         family_table=_family_table(metrics), videos=_sample_pairs(pairs, path.parent), images=images,
                         count=len(metrics), rows=rows, legend=legend)  # fmt: skip
     path.write_text(page, encoding="utf-8")

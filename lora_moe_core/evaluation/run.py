@@ -19,7 +19,7 @@ from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork
 from lora_moe_core.data.latent_cache import CacheEntry, read_cache
 from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT
 from lora_moe_core.errors import UserError
-from lora_moe_core.evaluation import curves, report, specialisation
+from lora_moe_core.evaluation import arms, curves, report, specialisation
 from lora_moe_core.evaluation import metrics as evaluation
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.families import family as family_entry
@@ -47,6 +47,9 @@ class EvaluationSettings:
     # training_state_final.json of each stage, for the training curves (default: beside the weights file)
     stage1_state: str | None = None
     stage2_state: str | None = None
+    # the matched single-LoRA arm (`lora-moe train --baseline_arm`) to compare with, and its training state
+    matched_lora_weights: str | None = None
+    matched_lora_state: str | None = None
 
 
 def _check_labels(entries: list[CacheEntry], cache: str) -> None:
@@ -156,6 +159,8 @@ def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None
     _check_labels(entries, settings.cache)
     dits = load_dits(settings.task, settings.model)
     network = load_network(settings.lora_moe_weights, linear_shapes(dits["high"]))
+    if settings.matched_lora_weights:
+        arms.read_matched_lora(settings.matched_lora_weights)  # refused before any output is written
     classifier = None
     if settings.classifier_weights:
         from lora_moe_core.model.classifier import load_classifier
@@ -173,6 +178,8 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
     boundary = get_task(settings.task).boundary_ratio
     found, misrouting = specialisation.specialisation_metrics(network, entries, dits, boundary, settings.seed)
     metrics.update(found)
+    if settings.matched_lora_weights:
+        metrics.update(_arm_comparison(settings, entries, dits, network))
     routing = _routing(network, entries, classifier, metrics)
     pairs = _samples(settings, entries, classifier, out, metrics) if settings.samples_per_family else []
     gates = network.timestep_gates
@@ -195,7 +202,19 @@ def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, net
                             context=context)  # fmt: skip
     report.write_report(metrics, plots, pairs, out / "report.html", _mlflow_links(tracker, context))
     _track(tracker, settings, metrics, out, context, entries)
+    if settings.matched_lora_weights:
+        weights = {"lora_moe": settings.lora_moe_weights, arms.ARM: settings.matched_lora_weights}
+        arms.log_arm_runs(metrics, weights, settings.cache, out, context or TrackingContext.from_env(),
+                          getattr(tracker, "run_id", None))  # fmt: skip
     return metrics
+
+
+def _arm_comparison(settings: EvaluationSettings, entries: list[CacheEntry], dits, network) -> dict[str, float]:
+    """LoRA-MoE vs the matched single LoRA on the same pairs (:mod:`arms`)."""
+    states = {"stage2": settings.stage2_state or curves.state_beside(settings.lora_moe_weights),
+              arms.ARM: settings.matched_lora_state or curves.state_beside(settings.matched_lora_weights)}  # fmt: skip
+    matched = arms.read_matched_lora(settings.matched_lora_weights)
+    return arms.compare(network, matched, entries, dits, get_task(settings.task).boundary_ratio, states, settings.seed)
 
 
 def _mlflow_links(tracker, context: TrackingContext | None) -> list[tuple[str, MlflowLink]]:

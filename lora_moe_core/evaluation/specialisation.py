@@ -131,6 +131,22 @@ def bootstrap_interval(
     return _percentile_interval(scores, level)
 
 
+def mean_interval(
+    values: np.ndarray,
+    index: np.ndarray,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``values[index].mean()``, the clips of ``index`` drawn with replacement.
+
+    For a paired comparison pass per-clip differences: each draw then resamples the same clips for both models.
+    """
+    rng = np.random.default_rng(seed)
+    draws = index[rng.integers(len(index), size=(samples, len(index)))]  # [samples, clips]
+    return _percentile_interval(values[draws].mean(axis=1), level)
+
+
 def _resample_within(members: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """Each family's clip indices drawn with replacement (empty families stay empty)."""
     return [index[rng.integers(len(index), size=len(index))] if len(index) else index for index in members]

@@ -132,11 +132,12 @@ def _module_sort_key(name: str) -> tuple[int, str]:
 def linear_shapes(transformer: nn.Module) -> dict[str, tuple[int, int]]:
     """``{module name: (in_features, out_features)}`` for every ``nn.Linear`` in the transformer.
 
-    Already-wrapped adapter layers report their base layer's shape under the original name.
+    Already-wrapped adapter layers report their base layer's shape under the original name (also a LoRA wrapped
+    inside a frozen one: ``<name>.base_layer.base_layer``).
     """
     shapes: dict[str, tuple[int, int]] = {}
     for name, module in transformer.named_modules():
-        if name.endswith(".base_layer"):
+        while name.endswith(".base_layer"):
             name = name[: -len(".base_layer")]
         if isinstance(module, nn.Linear):
             shapes[name] = (module.in_features, module.out_features)

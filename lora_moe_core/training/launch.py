@@ -22,6 +22,9 @@ def launch_training(config: Config, gpus: int = 1, context: TrackingContext | No
     Raises:
         SystemExit: naming the stage and the exit code when the torchrun workers fail (their error is printed).
     """
+    from lora_moe_core.training.baseline_arm import resolve_arm
+
+    config = resolve_arm(config)  # the arm's own config (and folder), which the workers then train as it is
     output_dir = Path(config.training.output_dir)
     if gpus > 1:
         output_dir.mkdir(parents=True, exist_ok=True)

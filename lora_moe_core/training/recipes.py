@@ -77,17 +77,50 @@ class _FlowMatchingStep:
         return torch.autocast(self.device.type, dtype=dtype)
 
 
+def reconstruction_terms(config: Config, classifier: nn.Module | None, batch: Batch,
+                         out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
+    """Stage 2's objective without its routing terms, as ``(terms, weights)``: the flow-matching loss, the
+    ROI-weighted reconstruction and, when on, the identity and temporal losses of the predicted x0.
+
+    The matched single-LoRA arm (:mod:`training.baseline_arm`) trains on exactly these, so that the two arms differ
+    only by the mixture and its routing.
+    """
+    loss_config = config.loss
+    terms = {"diffusion_loss": losses.diffusion_loss(out["velocity"], out["target"]),
+             "roi_loss": losses.roi_loss(out["velocity"], out["target"], batch.roi_weights)}  # fmt: skip
+    weights = {"diffusion_loss": 1.0, "roi_loss": loss_config.weight_roi_recon}
+    if not (loss_config.use_identity_loss or loss_config.use_temporal_loss):
+        return terms, weights
+    x0_pred = fm.predicted_x0(out["x_t"], out["velocity"], out["t"])
+    if loss_config.use_identity_loss:
+        terms["identity_loss"] = losses.identity_loss(classifier(x0_pred), batch.labels)
+        weights["identity_loss"] = loss_config.weight_identity
+    if loss_config.use_temporal_loss:
+        terms["temporal_loss"] = losses.temporal_loss(x0_pred, out["x0"])
+        weights["temporal_loss"] = loss_config.weight_temporal
+    return terms, weights
+
+
 class Stage1Recipe:
-    """Vanilla LoRA on the seed targets, one LoRA for both DiTs (musubi's dual mode); saved with musubi keys."""
+    """Vanilla LoRA on the seed targets, one LoRA for both DiTs (musubi's dual mode); saved with musubi keys.
+
+    Args:
+        frozen_base: a LoRA applied, frozen, at ``base_multiplier`` below the trained one (the matched single-LoRA
+            arm continues from Stage 1 this way: unmerged, as Stage 2's base branch, so bf16 weights lose nothing).
+    """
 
     checkpoint_prefix = "lora"
 
-    def __init__(self, config: Config, dits: dict[str, nn.Module], device: torch.device):
+    def __init__(self, config: Config, dits: dict[str, nn.Module], device: torch.device,
+                 frozen_base: LoRANetwork | None = None, base_multiplier: float = 1.0) -> None:  # fmt: skip
         self.step = _FlowMatchingStep(config, dits, device)
         targets = resolve_targets(config.lora, len(dits["high"].blocks))
         self.network = LoRANetwork(targets, linear_shapes(dits["high"]), config.lora.lora_alpha).to(device)
+        self.frozen_base = frozen_base.to(device).requires_grad_(False) if frozen_base is not None else None
         for dit in self.step.unique_dits():
-            self.network.apply_to(dit)
+            if self.frozen_base is not None:
+                self.frozen_base.apply_to(dit, base_multiplier)
+            self.network.apply_to(dit, inside=self.frozen_base is not None)
         self.step.compile()
         self.config = config
 
@@ -167,26 +200,11 @@ class Stage2Recipe:
         logits = self.instrument_logits(batch)
         gates = self.network.set_routing(logits)
         out = self.step.predict(batch, generator)
-        terms = {"diffusion_loss": losses.diffusion_loss(out["velocity"], out["target"]),
-                 "roi_loss": losses.roi_loss(out["velocity"], out["target"], batch.roi_weights)}  # fmt: skip
-        weights = {"diffusion_loss": 1.0, "roi_loss": self.config.loss.weight_roi_recon}
-        self._reconstruction_terms(batch, out, terms, weights)
+        terms, weights = reconstruction_terms(self.config, self.classifier, batch, out)
         self._routing_terms(logits, gates, progress, terms, weights)
         total = sum(weights[name] * value for name, value in terms.items())
         stats.add_routing(gates, self.network.router_probs, batch.labels)
         return total, {"loss": total.item(), **{name: value.item() for name, value in terms.items()}}
-
-    def _reconstruction_terms(self, batch: Batch, out: dict, terms: dict, weights: dict) -> None:
-        loss_config = self.config.loss
-        if not (loss_config.use_identity_loss or loss_config.use_temporal_loss):
-            return
-        x0_pred = fm.predicted_x0(out["x_t"], out["velocity"], out["t"])
-        if loss_config.use_identity_loss:
-            terms["identity_loss"] = losses.identity_loss(self.classifier(x0_pred), batch.labels)
-            weights["identity_loss"] = loss_config.weight_identity
-        if loss_config.use_temporal_loss:
-            terms["temporal_loss"] = losses.temporal_loss(x0_pred, out["x0"])
-            weights["temporal_loss"] = loss_config.weight_temporal
 
     def _routing_terms(self, logits, gates, progress: float, terms: dict, weights: dict) -> None:
         router, stats = self.config.router, self.network.gate_stats

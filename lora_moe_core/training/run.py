@@ -14,6 +14,7 @@ from lora_moe_core.guards.files import check_output_folder
 from lora_moe_core.model.memory import DiTPlacement
 from lora_moe_core.tracking.context import TrackingContext
 from lora_moe_core.training import state as run_state
+from lora_moe_core.training.baseline_arm import BaselineArmRecipe, resolve_arm
 from lora_moe_core.training.loop import TrainingLoop
 from lora_moe_core.training.recipes import Stage1Recipe, Stage2Recipe
 
@@ -62,6 +63,7 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
     from lora_moe_core.tracking.system import SystemMetricsTracker
     from lora_moe_core.tracking.tracker import NullTracker, start_tracker
 
+    config = resolve_arm(config)  # --baseline_arm on a Stage-2 config trains its matched single-LoRA arm
     training = config.training
     resolve_tracking_uri(None, training.output_dir)  # a garbage MLFLOW_TRACKING_URI fails now, not after loading
     check_output_folder(training.output_dir, "output_dir")  # a file there, or read-only: before any model loads
@@ -91,9 +93,9 @@ def run_training(config: Config, context: TrackingContext | None = None) -> Path
         print(f"removed {removed} partial file(s) that an interrupted save left in {output_dir}")
     tracker = NullTracker()
     if accelerator.is_main_process:
-        tracker = start_tracker(run_name=f"{training.training_stage}-{output_dir.name}",
-                                experiment=training.experiment, output_dir=output_dir,
-                                tags={"stage": training.training_stage, "task": config.model.task},
+        stage = "baseline_arm" if training.baseline_arm else training.training_stage
+        tracker = start_tracker(run_name=f"{stage}-{output_dir.name}", experiment=training.experiment,
+                                output_dir=output_dir, tags={"stage": stage, "task": config.model.task},
                                 context=context)  # fmt: skip
         if not isinstance(tracker, NullTracker):  # CPU/GPU/memory in the run's System metrics tab
             tracker = SystemMetricsTracker(tracker)
@@ -145,12 +147,14 @@ def prepare_recipe(config: Config, dits, device: torch.device, entries: list[Cac
 
 
 def _recipe(config: Config, dits, device: torch.device, entries: list[CacheEntry], classifier=None):
-    if config.training.training_stage == "stage_a":
+    if config.training.training_stage == "stage_a" and not config.training.baseline_arm:
         return Stage1Recipe(config, dits, device)
     if classifier is None and config.loss.classifier_weights:
         from lora_moe_core.model.classifier import load_classifier
 
         classifier = load_classifier(config.loss.classifier_weights)
+    if config.training.baseline_arm:
+        return BaselineArmRecipe(config, dits, device, classifier=classifier)
     return Stage2Recipe(config, dits, device, classifier=classifier, family_prior=family_prior(entries))
 
 
