@@ -30,6 +30,7 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.inference.prompts import negative_or_default, plan_jobs
 from lora_moe_core.inference.request import InferenceRequest
+from lora_moe_core.model.devices import resolve_device
 from lora_moe_core.model.sources import ModelSource
 
 FPS = 16  # WAN2.2 A14B generates 16 fps clips
@@ -93,22 +94,6 @@ def check_generation_args(height: int, width: int, num_frames: int, num_inferenc
     if guidance_scale <= 1 < guidance_scale_2:
         raise UserError(f"guidance_scale_2 {guidance_scale_2} needs guidance_scale > 1: WanPipeline switches "
                         f"classifier-free guidance on or off for both experts from guidance_scale alone")  # fmt: skip
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/``auto`` → cuda when available, else cpu."""
-    from lora_moe_core.inference.request import DEVICE_PATTERN
-
-    if device is not None and not DEVICE_PATTERN.fullmatch(str(device)):
-        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
-    try:
-        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else None
-        resolved = resolved or torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but CUDA is not available here")
-    return resolved
 
 
 # -- the session --------------------------------------------------------------------------------------------------
