@@ -255,7 +255,9 @@ def encoders_on(encoders: Encoders, device: torch.device, copy: bool = False) ->
 
 
 @torch.no_grad()
-def encode_prompts(encoders: Encoders, prompts: list[str], device: str | torch.device | None = None) -> list[torch.Tensor]:
+def encode_prompts(
+    encoders: Encoders, prompts: list[str], device: str | torch.device | None = None
+) -> list[torch.Tensor]:
     """UMT5 embeddings per prompt, cut to the real token count: ``[L_i, D]`` (musubi's ``varlen_t5``), on the CPU.
 
     ``device``: where the tokens go (default: the text encoder's).
@@ -281,8 +283,9 @@ def pad_prompt_embeds(embeds: list[torch.Tensor], length: int = MAX_SEQUENCE_LEN
 def encode_video(vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
     """``[B, 3, T, H, W]`` in [-1, 1] → normalised latents ``[B, 16, 1+(T-1)/4, H/8, W/8]``.
 
-    The clip moves to the VAE's device and dtype. Uses the posterior mean, normalised with the VAE's ``latents_mean``/``latents_std``: musubi's cache
-    convention, so a user's musubi cache and ours are interchangeable.
+    The clip moves to the VAE's device and dtype. Uses the posterior mean, normalised with the VAE's
+    ``latents_mean``/``latents_std``: musubi's cache convention, so a user's musubi cache and ours are
+    interchangeable.
     """
     weight = next(vae.parameters())
     mean, std = latent_stats(vae, weight.device)
