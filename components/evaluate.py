@@ -18,6 +18,8 @@ def evaluate(
     vae_uri: str,
     t5_uri: str,
     samples_per_family: int,
+    eval_clips: int,
+    eval_timesteps: list,
     sample_steps: int,
     sample_width: int,
     sample_height: int,
@@ -31,8 +33,9 @@ def evaluate(
     """Evaluate on the held-out latent cache.
 
     ``metrics`` gets every number of ``metrics.json``; ``report`` is the HTML report with its plots and sample
-    clips inlined (the KFP UI shows one self-contained file). The evaluation logs metrics, plots, report and clips
-    to its own MLflow run, a child of the pipeline's. Sample clips: ``samples_per_family`` per family,
+    clips inlined (the KFP UI shows one self-contained file). The budget: ``eval_clips`` held-out clips (0: all),
+    each scored at ``eval_timesteps``. The evaluation logs metrics, plots, report and clips to its own MLflow run,
+    a child of the pipeline's. Sample clips: ``samples_per_family`` per family,
     ``sample_width`` × ``sample_height`` × ``sample_frames``, ``sample_steps`` denoising steps.
     """
     import json
@@ -60,6 +63,7 @@ def evaluate(
                                   cache=eval_cache_uri, output_dir=str(out), model=source,
                                   samples_per_family=samples_per_family, sample_steps=sample_steps,
                                   sample_size=(sample_width, sample_height, sample_frames), seed=seed,
+                                  eval_clips=eval_clips, eval_timesteps=tuple(float(t) for t in eval_timesteps),
                                   **states)  # fmt: skip
     run_evaluation(settings, context)  # logs its own MLflow run, a child of the pipeline's
     for key, value in sorted(json.loads((out / "metrics.json").read_text()).items()):

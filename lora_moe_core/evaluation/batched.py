@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from lora_moe_core.defaults import EVAL_BATCH
 from lora_moe_core.model.wan_forward import BlockInputs, repeat_samples, run_prefix, run_suffix
 from lora_moe_core.training import flow_matching as fm
 from lora_moe_core.training import losses
 from lora_moe_core.training.batches import Batch
 
-#: Samples per DiT forward in evaluation: 4 clips of 480×832×81 (32,760 tokens) fit beside both A14B DiTs on 80 GB
-DEFAULT_BATCH = 4
+#: Samples per DiT forward in evaluation: 4 of 480×832×81 (32,760 tokens) fit beside both A14B DiTs on 80 GB
+DEFAULT_BATCH = EVAL_BATCH
 
 
 def draw_noises(batch: Batch, generator: torch.Generator, timesteps: Sequence[float]) -> list[torch.Tensor]:

@@ -15,13 +15,14 @@ from torch import nn
 
 from lora_moe_core.adapters.routing import teacher_distribution
 from lora_moe_core.data.latent_cache import CacheEntry
+from lora_moe_core.defaults import EVAL_TIMESTEPS as DEFAULT_EVAL_TIMESTEPS
 from lora_moe_core.evaluation.batched import DEFAULT_BATCH, draw_noises, score_clip
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.training import losses
 from lora_moe_core.training.batches import collate
 
-#: Evaluation timesteps: both Wan2.2 regimes, weighted towards high noise as the shift-12 sampler is.
-EVAL_TIMESTEPS = (0.3, 0.6, 0.9, 0.95)
+#: Evaluation timesteps (the default of ``--eval_timesteps``; see :mod:`lora_moe_core.defaults`).
+EVAL_TIMESTEPS = DEFAULT_EVAL_TIMESTEPS
 
 
 @dataclass

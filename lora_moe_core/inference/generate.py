@@ -109,13 +109,14 @@ class InferenceSession:
         classifier_weights: instrument classifier for videos routed by a reference video.
         device, dtype: ``auto`` = cuda when available; dtype (``bf16``... or torch) default bf16 on cuda, else fp32.
         flow_shift: UniPC flow shift (default: the task's official 12).
+        dits: ``{"high", "low"}`` DiTs already loaded (evaluation's), free of adapters; default: load ``model``'s.
     """
 
     def __init__(self, task: str = "t2v-A14B", model: ModelSource | str | None = None,
                  lora_moe_weights: str | None = None, alpha_base: float | None = None,
                  alpha_expert: float | None = None, merge: bool = False, classifier_weights: str | None = None,
                  device: str | None = None, dtype: torch.dtype | str | None = None,
-                 flow_shift: float | None = None):  # fmt: skip
+                 flow_shift: float | None = None, dits: dict[str, torch.nn.Module] | None = None):  # fmt: skip
         from diffusers import UniPCMultistepScheduler, WanPipeline
 
         from lora_moe_core.data.vocabulary import Vocabulary
@@ -133,7 +134,7 @@ class InferenceSession:
         encoders = load_encoders(task, model, self.dtype)
         if task == "tiny" and self.device.type != "cpu":
             encoders = copy.deepcopy(encoders)  # the tiny encoders are memoised: leave the shared copy on the CPU
-        self.dits = load_dits(task, model, self.dtype)
+        self.dits = dits if dits is not None else load_dits(task, model, self.dtype)
         self.network = self._load_network(lora_moe_weights, alpha_base, alpha_expert)
         self.merge = merge
         self._merged_gates: torch.Tensor | None = None
