@@ -35,8 +35,9 @@ def test_prefix_then_suffix_is_the_whole_forward(tiny_inputs, stop):
 
 def _network(dit):
     """A Stage-2 network on the last two of the tiny DiT's four blocks, experts that differ (random B)."""
-    config = load_config(None, {"task": "tiny", "use_base_lora": False, "target_blocks": [2, 3],
-                                 "ffn_target_blocks": [3]})
+    config = load_config(
+        None, {"task": "tiny", "use_base_lora": False, "target_blocks": [2, 3], "ffn_target_blocks": [3]}
+    )
     network = build_network(config, dit)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
