@@ -66,7 +66,7 @@ def cache_dataset(
     from lora_moe_core.data.dataset import load_dataset
     from lora_moe_core.data.labeling import label_records, read_labels
     from lora_moe_core.data.vocabulary import Vocabulary
-    from lora_moe_core.model.devices import resolve_device
+    from lora_moe_core.model.devices import compute_dtype, resolve_device
     from lora_moe_core.model.loading import encoders_on, load_encoders
     from lora_moe_core.storage.store import is_s3
 
@@ -99,7 +99,8 @@ def cache_dataset(
     if is_s3(output):
         storage.list(output)  # a missing bucket or a denied key fails now, not once per encoded video
     target = resolve_device(device)  # a bad --device fails before the encoders load
-    encoders = encoders_on(load_encoders(settings.task, settings.model), target, copy=settings.task == "tiny")
+    encoders = load_encoders(settings.task, settings.model, compute_dtype(target))  # a bf16 .pth: not copied
+    encoders = encoders_on(encoders, target, copy=settings.task == "tiny")
     cacher = LatentCacher(encoders, settings, output, storage)
     with _output_folder(output, overwrite):
         return CacheOutcome(cacher.run(dataset, labels, shard), reused_musubi=False)
