@@ -4,9 +4,6 @@ from kfp import dsl
 from kfp.dsl import HTML, Input, Metrics, Model, Output
 
 from components.images import TRAINER_IMAGE
-from lora_moe_core.defaults import EVAL_CLIPS, EVAL_TIMESTEPS
-
-EVAL_TIMESTEP_LIST = list(EVAL_TIMESTEPS)  # a KFP list parameter's default
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -30,8 +27,8 @@ def evaluate(
     report: Output[HTML],
     tracking: dict,
     kfp_task_name: str,
-    eval_clips: int = EVAL_CLIPS,
-    eval_timesteps: list = EVAL_TIMESTEP_LIST,
+    eval_clips: int,
+    eval_timesteps: list,
 ):
     """Evaluate on the held-out latent cache.
 

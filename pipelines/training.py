@@ -24,18 +24,20 @@ from components import (
     train_stage1,
     train_stage2,
 )
-from components.evaluate import EVAL_TIMESTEP_LIST
 from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
 from lora_moe_core.defaults import (
     ALPHA_BASE,
     ALPHA_EXPERT,
     DEFAULT_TASK,
     EVAL_CLIPS,
+    EVAL_TIMESTEPS,
     EXPERIMENT,
     REGISTERED_MODEL,
     REGISTRY_ALIAS,
 )
 from pipelines.defaults import BASE_MODEL_URI, PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
+
+EVAL_TIMESTEP_LIST = list(EVAL_TIMESTEPS)  # a KFP list parameter's default
 
 PIPELINE_NAME = "lora-moe-training"
 SYNTHETIC_SIZE = [128, 96, 33]  # width, height, frames of synthetic clips

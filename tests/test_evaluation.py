@@ -210,7 +210,8 @@ def test_evaluate_step_plots_both_stages_from_the_store(trained, tiny_cache, tmp
     evaluate.python_func(eval_cache_uri=tiny_cache, lora_moe=lora_moe, stage1_lora_uri=str(trained["stage1"]),
                          task="tiny", base_model_uri="", dit_uri="", dit_high_noise_uri="", vae_uri="", t5_uri="",
                          samples_per_family=0, sample_steps=2, sample_width=32, sample_height=32, sample_frames=9,
-                         seed=0, metrics=_Metrics(), report=report, tracking={}, kfp_task_name="evaluate")  # fmt: skip
+                         seed=0, metrics=_Metrics(), report=report, tracking={}, kfp_task_name="evaluate",
+                         eval_clips=0, eval_timesteps=[0.3, 0.6, 0.9, 0.95])  # fmt: skip
     [histories] = seen
     assert [record["epoch"] for record in histories["stage1"]] == [1, 2]  # the fixture's --num_train_epochs
     assert [record["epoch"] for record in histories["stage2"]] == [1, 2, 3, 4]
