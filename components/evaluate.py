@@ -27,13 +27,16 @@ def evaluate(
     report: Output[HTML],
     tracking: dict,
     kfp_task_name: str,
+    eval_clips: int,
+    eval_timesteps: list,
     matched_lora_uri: str = "",
 ):
     """Evaluate on the held-out latent cache.
 
     ``metrics`` gets every number of ``metrics.json``; ``report`` is the HTML report with its plots and sample
-    clips inlined (the KFP UI shows one self-contained file). The evaluation logs metrics, plots, report and clips
-    to its own MLflow run, a child of the pipeline's. Sample clips: ``samples_per_family`` per family,
+    clips inlined (the KFP UI shows one self-contained file). The budget: ``eval_clips`` held-out clips (0: all),
+    each scored at ``eval_timesteps``. The evaluation logs metrics, plots, report and clips to its own MLflow run,
+    a child of the pipeline's. Sample clips: ``samples_per_family`` per family,
     ``sample_width`` × ``sample_height`` × ``sample_frames``, ``sample_steps`` denoising steps.
     ``matched_lora_uri``: the matched single-LoRA arm ("" when ``baseline_arm`` is off); with it the report opens
     with LoRA-MoE vs matched LoRA per family, and each arm gets an MLflow run with the same metric names.
@@ -66,6 +69,7 @@ def evaluate(
                                   cache=eval_cache_uri, output_dir=str(out), model=source,
                                   samples_per_family=samples_per_family, sample_steps=sample_steps,
                                   sample_size=(sample_width, sample_height, sample_frames), seed=seed,
+                                  eval_clips=eval_clips, eval_timesteps=tuple(float(t) for t in eval_timesteps),
                                   matched_lora_weights=matched, matched_lora_state=state_beside(matched_lora_uri),
                                   **states)  # fmt: skip
     run_evaluation(settings, context)  # logs its own MLflow run, a child of the pipeline's

@@ -27,6 +27,15 @@ def torch_dtype(name: str):
 ALPHA_BASE = 0.7
 ALPHA_EXPERT = 1.0
 
+#: The evaluation's budget (``evaluate --eval_clips/--eval_timesteps/--eval_batch``, the pipeline's parameters):
+#: held-out clips scored, the timesteps each is scored at (both Wan2.2 regimes, weighted towards high noise as
+#: the shift-12 sampler is), samples per DiT forward. With the seed's targets a clip costs about 5 A14B forwards
+#: per timestep (base, Stage 1, Stage 2, and the six routes sharing the blocks before the experts): 12 clips × 4
+#: timesteps is ~240 forwards (BENCHMARKS.md, "the pipeline at A14B on one GPU").
+EVAL_CLIPS = 12
+EVAL_TIMESTEPS: tuple[float, ...] = (0.3, 0.6, 0.9, 0.95)
+EVAL_BATCH = 4
+
 #: MLflow experiment of every run, and the registered model with the alias a new version gets.
 EXPERIMENT = "lora-moe"
 REGISTERED_MODEL = "lora-moe-surgical"

@@ -27,8 +27,19 @@ from components import (
     train_stage2,
 )
 from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
-from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, DEFAULT_TASK, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
+from lora_moe_core.defaults import (
+    ALPHA_BASE,
+    ALPHA_EXPERT,
+    DEFAULT_TASK,
+    EVAL_CLIPS,
+    EVAL_TIMESTEPS,
+    EXPERIMENT,
+    REGISTERED_MODEL,
+    REGISTRY_ALIAS,
+)
 from pipelines.defaults import BASE_MODEL_URI, PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
+
+EVAL_TIMESTEP_LIST = list(EVAL_TIMESTEPS)  # a KFP list parameter's default
 
 PIPELINE_NAME = "lora-moe-training"
 SYNTHETIC_SIZE = [128, 96, 33]  # width, height, frames of synthetic clips
@@ -81,6 +92,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         gpus_per_step: int = 1,
         baseline_arm: bool = True,
         samples_per_family: int = 1,
+        eval_clips: int = EVAL_CLIPS,
+        eval_timesteps: list = EVAL_TIMESTEP_LIST,
         sample_steps: int = 30,
         sample_width: int = 832,
         sample_height: int = 480,
@@ -137,6 +150,9 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             baseline_arm: 4 Stage 2 · also train one LoRA matched to Stage 2 (parameters, steps, Stage 1, clips) and
                 open the report with LoRA-MoE vs it per family: is the mixture worth it on this data?
             samples_per_family: 5 evaluation · generated clips per instrument family in the report (0: none).
+            eval_clips: 5 evaluation · held-out clips scored, taken from each family in turn (0: all; at A14B
+                size about 5 DiT forwards per clip and timestep).
+            eval_timesteps: 5 evaluation · timesteps in (0, 1] each held-out clip is scored at.
             sample_steps: 5 evaluation · denoising steps of report clips and sample videos.
             sample_width: 5 evaluation · width of report clips and sample videos (multiple of 16).
             sample_height: 5 evaluation · height of report clips and sample videos (multiple of 16).
@@ -308,6 +324,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
                 vae_uri=vae_uri,
                 t5_uri=t5_uri,
                 samples_per_family=samples_per_family,
+                eval_clips=eval_clips,
+                eval_timesteps=eval_timesteps,
                 sample_steps=sample_steps,
                 sample_width=sample_width,
                 sample_height=sample_height,

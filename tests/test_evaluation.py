@@ -277,7 +277,8 @@ def test_evaluate_step_plots_both_stages_from_the_store(trained, tiny_cache, tmp
                          task="tiny", base_model_uri="", dit_uri="", dit_high_noise_uri="", vae_uri="", t5_uri="",
                          samples_per_family=0, sample_steps=2, sample_width=32, sample_height=32, sample_frames=9,
                          seed=0, metrics=(kfp_metrics := _Metrics()), report=report, tracking={},
-                         kfp_task_name="evaluate", matched_lora_uri=str(trained["arm"]))  # fmt: skip
+                         kfp_task_name="evaluate", matched_lora_uri=str(trained["arm"]), eval_clips=0,
+                         eval_timesteps=[0.3, 0.6, 0.9, 0.95])  # fmt: skip
     [histories] = seen
     assert kfp_metrics.values["steps.matched_lora"] == kfp_metrics.values["steps.stage2"] == 16
     assert "vs_matched_lora.all.ci_high" in kfp_metrics.values

@@ -50,13 +50,14 @@ def cache_dataset(
     resolution: tuple[int, int] | None = None,
     storage: Storage | None = None,
     overwrite: bool = False,
+    device: str | None = None,
 ) -> CacheOutcome:
     """Encode every ``shard[1]``-th clip from ``shard[0]`` of a dataset into the latent cache at ``output``.
 
     A musubi cache folder as ``dataset_uri`` is imported without re-encoding. ``labels_uri`` is the step-1
     ``labels.jsonl`` (default: label the captions now); ``target_frames``/``resolution`` override the dataset's.
     A local ``output`` must be new, empty or a cache folder before, unless ``overwrite``; it may not hold (or be)
-    an input.
+    an input. ``device``: where the VAE and UMT5 run (``auto``/None: the GPU when there is one, in bf16).
 
     Raises:
         UserError: labels for another dataset, an unreachable output bucket, too many undecodable videos.
@@ -65,7 +66,8 @@ def cache_dataset(
     from lora_moe_core.data.dataset import load_dataset
     from lora_moe_core.data.labeling import label_records, read_labels
     from lora_moe_core.data.vocabulary import Vocabulary
-    from lora_moe_core.model.loading import load_encoders
+    from lora_moe_core.model.devices import compute_dtype, resolve_device
+    from lora_moe_core.model.loading import encoders_on, load_encoders
     from lora_moe_core.storage.store import is_s3
 
     storage = storage or Storage()
@@ -98,7 +100,10 @@ def cache_dataset(
         match_labels(labels, dataset, labels_uri)
     if is_s3(output):
         storage.list(output)  # a missing bucket or a denied key fails now, not once per encoded video
-    cacher = LatentCacher(load_encoders(settings.task, settings.model), settings, output, storage)
+    target = resolve_device(device)  # a bad --device fails before the encoders load
+    encoders = load_encoders(settings.task, settings.model, compute_dtype(target))  # a bf16 .pth: not copied
+    encoders = encoders_on(encoders, target, copy=settings.task == "tiny")
+    cacher = LatentCacher(encoders, settings, output, storage)
     with _output_folder(output, overwrite):
         return CacheOutcome(cacher.run(dataset, labels, shard), reused_musubi=False)
 

@@ -46,7 +46,7 @@ def _cache(args: argparse.Namespace) -> int:
                              max_bad_fraction=args.max_bad_fraction)  # fmt: skip
     resolution = tuple(args.resolution) if args.resolution else None
     outcome = cache_dataset(args.dataset, args.output, settings, args.labels, args.shard, args.target_frames,
-                            resolution, overwrite=args.overwrite)  # fmt: skip
+                            resolution, overwrite=args.overwrite, device=args.device)  # fmt: skip
     print(outcome.line(args.dataset, args.output))
     return 0
 
@@ -108,6 +108,7 @@ def add_data_commands(commands) -> None:
     cache.add_argument("--target_frames", type=int, nargs="+", help="override the dataset's target_frames (4k+1)")
     cache.add_argument("--resolution", type=int, nargs=2, metavar=("W", "H"), help="override the bucket resolution")
     cache.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    cache.add_argument("--device", default="auto", help="auto (cuda when available, bf16 encoders), cpu, cuda:N")
     cache.set_defaults(handler=_cache)
 
     classifier = commands.add_parser("train-classifier", help="train the instrument classifier on cached latents")

@@ -21,6 +21,9 @@ from lora_moe_core.defaults import (
     ALPHA_EXPERT,
     DEFAULT_TASK,
     DTYPE_NAMES,
+    EVAL_BATCH,
+    EVAL_CLIPS,
+    EVAL_TIMESTEPS,
     EXPERIMENT,
     LORA_FORMATS,
     REGISTERED_MODEL,
@@ -142,7 +145,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   classifier_weights=args.classifier_weights,
                                   samples_per_family=args.samples_per_family, sample_steps=args.sample_steps,
                                   sample_size=tuple(args.sample_size), seed=args.seed,
-                                  matched_lora_weights=args.matched_lora_weights)  # fmt: skip
+                                  matched_lora_weights=args.matched_lora_weights,
+                                  eval_clips=args.eval_clips, eval_timesteps=tuple(args.eval_timesteps),
+                                  eval_batch=args.eval_batch, device=args.device)  # fmt: skip
     metrics = run_evaluation(settings)
     for key in ("routing.accuracy", *(f"val_loss.{f}.stage2" for f in FAMILIES)):
         if key in metrics:
@@ -253,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample clip width, height, frames",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="noise seed of the fixed (t, noise) pairs")
+    evaluate.add_argument("--eval_clips", type=int, default=EVAL_CLIPS,
+                          help="held-out clips scored, taken from each family in turn (0: all); at A14B size "
+                               "each clip costs about 5 DiT forwards per timestep")  # fmt: skip
+    evaluate.add_argument("--eval_timesteps", type=float, nargs="+", default=list(EVAL_TIMESTEPS), metavar="T",
+                          help="timesteps in (0, 1] each clip is scored at (t >= 0.875: high-noise DiT)")  # fmt: skip
+    evaluate.add_argument("--eval_batch", type=int, default=EVAL_BATCH,
+                          help="samples per DiT forward (GPU memory grows with it)")  # fmt: skip
+    evaluate.add_argument("--device", default="auto", help="auto (cuda when available, DiTs in bf16), cpu, cuda:N")
     evaluate.set_defaults(handler=_evaluate)
 
     register = commands.add_parser("register", help="register a Stage-2 checkpoint in the MLflow model registry")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork, module_n
 from lora_moe_core.data.latent_cache import CacheEntry
 from lora_moe_core.errors import UserError
 from lora_moe_core.evaluation import specialisation as spec
+from lora_moe_core.evaluation.batched import DEFAULT_BATCH
+from lora_moe_core.evaluation.metrics import EVAL_TIMESTEPS
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.formats.lora_files import LoRAFile, LoRAModuleWeights, read_lora
 from lora_moe_core.model.wan import linear_shapes
@@ -61,26 +64,30 @@ def _base_modules(network: LoRAMoENetwork) -> dict[str, LoRAModuleWeights]:
 
 def lora_clip_losses(entries: list[CacheEntry], dits: dict, boundary: float, lora: dict[str, LoRAModuleWeights],
                      base: dict[str, LoRAModuleWeights] | None = None, base_multiplier: float = 1.0,
-                     seed: int = 0) -> np.ndarray:  # fmt: skip
+                     seed: int = 0, timesteps: Sequence[float] = EVAL_TIMESTEPS,
+                     batch_size: int = DEFAULT_BATCH) -> np.ndarray:  # fmt: skip
     """Per-clip held-out loss ``[N]`` of the DiTs + ``base`` (frozen, × ``base_multiplier``) + ``lora``, applied
     unmerged as the arm was trained (:class:`training.baseline_arm.BaselineArmRecipe`); the DiTs are left clean."""
     shapes = linear_shapes(dits["high"])
-    lower = LoRANetwork.from_modules(base, shapes) if base else None
-    upper = LoRANetwork.from_modules(lora, shapes)
+    device = next(dits["high"].parameters()).device  # the DiTs' (the GPU when evaluate runs there)
+    lower = LoRANetwork.from_modules(base, shapes).to(device) if base else None
+    upper = LoRANetwork.from_modules(lora, shapes).to(device)
     unique = list({id(d): d for d in dits.values()}.values())
     try:
         for dit in unique:
             if lower is not None:
                 lower.apply_to(dit, base_multiplier)
             upper.apply_to(dit, inside=lower is not None)
-        return spec.clip_losses(entries, dits, boundary, {"plain": lambda batch: None}, seed)["plain"]
+        plain = {"plain": lambda batch: None}
+        return spec.clip_losses(entries, dits, boundary, plain, seed, timesteps, batch_size=batch_size)["plain"]
     finally:
         for dit in unique:
             LoRANetwork.remove_from(dit)
 
 
 def arm_clip_losses(network: LoRAMoENetwork, arm: LoRAFile, entries: list[CacheEntry], dits: dict, boundary: float,
-                    seed: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
+                    seed: int = 0, timesteps: Sequence[float] = EVAL_TIMESTEPS,
+                    batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:  # fmt: skip
     """``{"lora_moe": [N], "matched_lora": [N]}``: both arms' per-clip loss at the same pairs; the mixture routed
     by the caption labels as in training (what ``val_loss.*.stage2`` measures), the arm over the checkpoint's own
     Stage-1 branch at its ``alpha_base``."""
@@ -90,12 +97,12 @@ def arm_clip_losses(network: LoRAMoENetwork, arm: LoRAFile, entries: list[CacheE
         network.apply_to(dit)
     try:
         route = {"lora_moe": lambda batch: network.set_routing(batch.labels * confidence)}
-        moe = spec.clip_losses(entries, dits, boundary, route, seed)["lora_moe"]
+        moe = spec.clip_losses(entries, dits, boundary, route, seed, timesteps, batch_size=batch_size)["lora_moe"]
     finally:
         for dit in unique:
             network.remove_from(dit)
     lora = lora_clip_losses(entries, dits, boundary, arm.modules, _base_modules(network), network.route.alpha_base,
-                            seed)  # fmt: skip
+                            seed, timesteps, batch_size)  # fmt: skip
     return {"lora_moe": moe, ARM: lora}
 
 
@@ -143,9 +150,10 @@ def budget_metrics(network: LoRAMoENetwork, arm: LoRAFile, states: dict[str, str
 
 
 def compare(network: LoRAMoENetwork, arm: LoRAFile, entries: list[CacheEntry], dits: dict, boundary: float,
-            states: dict[str, str | None], seed: int = 0) -> dict[str, float]:  # fmt: skip
+            states: dict[str, str | None], seed: int = 0, timesteps: Sequence[float] = EVAL_TIMESTEPS,
+            batch_size: int = DEFAULT_BATCH) -> dict[str, float]:  # fmt: skip
     """Every metric of the comparison (see the module doc); ``states``: ``{"stage2"|"matched_lora": state URI}``."""
-    per_clip = arm_clip_losses(network, arm, entries, dits, boundary, seed)
+    per_clip = arm_clip_losses(network, arm, entries, dits, boundary, seed, timesteps, batch_size)
     return {**comparison_metrics(per_clip, spec.family_members(entries)), **budget_metrics(network, arm, states)}
 
 

@@ -6,6 +6,7 @@ three models see exactly the same inputs and two runs of the evaluation agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,13 +15,14 @@ from torch import nn
 
 from lora_moe_core.adapters.routing import teacher_distribution
 from lora_moe_core.data.latent_cache import CacheEntry
+from lora_moe_core.defaults import EVAL_TIMESTEPS as DEFAULT_EVAL_TIMESTEPS
+from lora_moe_core.evaluation.batched import DEFAULT_BATCH, draw_noises, score_clip
 from lora_moe_core.families import FAMILIES
-from lora_moe_core.training import flow_matching as fm
 from lora_moe_core.training import losses
 from lora_moe_core.training.batches import collate
 
-#: Evaluation timesteps: both Wan2.2 regimes, weighted towards high noise as the shift-12 sampler is.
-EVAL_TIMESTEPS = (0.3, 0.6, 0.9, 0.95)
+#: Evaluation timesteps (the default of ``--eval_timesteps``; see :mod:`lora_moe_core.defaults`).
+EVAL_TIMESTEPS = DEFAULT_EVAL_TIMESTEPS
 
 
 @dataclass
@@ -45,35 +47,31 @@ def entry_families(entry: CacheEntry) -> list[str]:
 
 @torch.no_grad()
 def held_out_losses(
-    entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, prepare=None, seed: int = 0
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean diffusion and ROI loss by family at the fixed ``EVAL_TIMESTEPS`` and seeded noise.
+    entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, prepare=None, seed: int = 0,
+    timesteps: Sequence[float] = EVAL_TIMESTEPS, batch_size: int = DEFAULT_BATCH,
+) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """Mean diffusion and ROI loss by family at the fixed ``timesteps`` and seeded noise.
 
     Args:
         entries: held-out clips.
-        dits: ``{"high", "low"}`` DiTs, adapted as the model under test.
+        dits: ``{"high", "low"}`` DiTs, adapted as the model under test (on any device).
         boundary: high/low-noise switch (0.875).
         prepare: called with each one-clip batch before the forward (sets the LoRA-MoE routing).
         seed: noise seed (the same for every model).
+        timesteps: the evaluation timesteps; batch_size: samples per DiT forward (:mod:`batched`).
     """
     diffusion, roi = LossTable(), LossTable()
     for index, entry in enumerate(entries):
         batch = collate([entry])
         if prepare is not None:
             prepare(batch)
-        generator = torch.Generator().manual_seed(seed * 100_003 + index)
-        for t_value in EVAL_TIMESTEPS:
-            noise = torch.randn(batch.latents.shape, generator=generator)
-            t = torch.tensor([t_value])
-            x_t = fm.noisy_latents(batch.latents, noise, t)
-            dit = dits["high" if t_value >= boundary else "low"]
-            velocity = dit(hidden_states=x_t, timestep=fm.dit_timestep(t), encoder_hidden_states=batch.text,
-                           return_dict=False)[0]  # fmt: skip
-            target = noise - batch.latents
-            families = entry_families(entry)
-            diffusion.add(families, losses.diffusion_loss(velocity, target).item())
+        noises = draw_noises(batch, torch.Generator().manual_seed(seed * 100_003 + index), timesteps)
+        clip_diffusion, clip_roi = score_clip(dits, boundary, batch, noises, timesteps, batch_size)
+        families = entry_families(entry)
+        for column in range(len(timesteps)):
+            diffusion.add(families, float(clip_diffusion[0, column]))
             if batch.roi_weights.gt(1).any():
-                roi.add(families, losses.roi_loss(velocity, target, batch.roi_weights).item())
+                roi.add(families, float(clip_roi[0, column]))
     return diffusion.means(), roi.means()
 
 

@@ -181,6 +181,10 @@ LEGEND = {
     "resampled, paired, fixed seed), conditional on these two checkpoints",
     "params.trainable.stage2 / matched_lora, steps.stage2 / matched_lora": "each arm's trainable parameters "
     "(Stage 2: experts, router, timestep gates) and optimizer steps",
+    "evaluation.clips / held_out_clips": "held-out clips scored (--eval_clips, taken from each family in turn) "
+    "and clips in the held-out cache; every loss above is over the scored ones",
+    "evaluation.timesteps": "timesteps each clip is scored at (--eval_timesteps; default 0.3, 0.6, 0.9, 0.95)",
+    "evaluation.samples": "sample clips generated (Stage 1 and Stage 2 per family, --samples_per_family; 0: off)",
     "samples.presence_accuracy": "instrument classifier finds the prompted family in generated clips "
     "(stands in for a tool-presence model; no downloaded weights exist)",
     "samples.flicker": "mean absolute frame-to-frame change of generated clips (lower is steadier)",
@@ -263,7 +267,12 @@ def _summary(metrics: dict) -> str:
     from lora_moe_core.evaluation.specialisation import verdict  # torch and the trainer: only when a report is made
 
     accuracy = metrics.get("routing.accuracy")
-    summary = "routing accuracy " + (f"{accuracy:.2f}" if isinstance(accuracy, float) else "n/a")
+    summary = ""
+    if "evaluation.clips" in metrics:  # what was measured comes first: the budget may have left clips out
+        summary = (f"Scored {metrics['evaluation.clips']:g} of {metrics['evaluation.held_out_clips']:g} held-out "
+                   f"clips at {metrics['evaluation.timesteps']:g} timesteps; "
+                   f"{metrics['evaluation.samples']:g} sample clips. ")  # fmt: skip
+    summary += "routing accuracy " + (f"{accuracy:.2f}" if isinstance(accuracy, float) else "n/a")
     if "specialisation.score" in metrics:
         score, low, high = (metrics[f"specialisation.{key}"] for key in ("score", "ci_low", "ci_high"))
         summary += f"; specialisation score {score:+.4f} (95% CI {low:+.4f} to {high:+.4f}). "

@@ -17,18 +17,39 @@ import torch
 from lora_moe_core.adapters.checkpoint import load_network
 from lora_moe_core.adapters.network import LoRAMoENetwork, LoRANetwork
 from lora_moe_core.data.latent_cache import CacheEntry, read_cache
-from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT
+from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, EVAL_CLIPS
 from lora_moe_core.errors import UserError
 from lora_moe_core.evaluation import arms, curves, report, specialisation
 from lora_moe_core.evaluation import metrics as evaluation
+from lora_moe_core.evaluation.batched import DEFAULT_BATCH
+from lora_moe_core.evaluation.metrics import EVAL_TIMESTEPS
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.families import family as family_entry
 from lora_moe_core.formats.lora_files import read_lora
 from lora_moe_core.guards.files import removed_on_failure
+from lora_moe_core.guards.numbers import check_int, check_number
+from lora_moe_core.model.devices import compute_dtype, resolve_device
 from lora_moe_core.model.sources import ModelSource
 from lora_moe_core.model.wan import get_task, linear_shapes
 from lora_moe_core.tracking.context import TrackingContext
 from lora_moe_core.tracking.links import MlflowLink, mlflow_link
+
+
+def select_clips(entries: list[CacheEntry], count: int) -> list[CacheEntry]:
+    """At most ``count`` clips (0: all), taken from each family in turn (a clip by its first named family,
+    unlabelled ones last), each family's in cache order; all clips, in cache order, when they are fewer."""
+    if not count or len(entries) <= count:
+        return entries
+    groups: dict[str, list[CacheEntry]] = {name: [] for name in [*FAMILIES, ""]}
+    for entry in entries:
+        groups[(evaluation.entry_families(entry) or [""])[0]].append(entry)
+    chosen: list[CacheEntry] = []
+    while len(chosen) < count:
+        for group in groups.values():
+            if group and len(chosen) < count:
+                chosen.append(group.pop(0))
+    order = {id(entry): index for index, entry in enumerate(entries)}
+    return sorted(chosen, key=lambda entry: order[id(entry)])
 
 
 @dataclass
@@ -50,6 +71,22 @@ class EvaluationSettings:
     # the matched single-LoRA arm (`lora-moe train --baseline_arm`) to compare with, and its training state
     matched_lora_weights: str | None = None
     matched_lora_state: str | None = None
+    # the budget (issue 21): at A14B size every clip × timestep costs several DiT forwards of seconds each
+    eval_clips: int = EVAL_CLIPS  # held-out clips scored, spread over the families (0: all)
+    eval_timesteps: tuple[float, ...] = EVAL_TIMESTEPS
+    eval_batch: int = DEFAULT_BATCH  # samples per DiT forward
+    device: str | None = None  # auto: cuda when available (the DiTs in bf16), else cpu
+
+    def __post_init__(self) -> None:
+        """The same limits for ``lora-moe evaluate`` flags, the pipeline's evaluate step and library callers."""
+        check_int("eval_clips", self.eval_clips, 0, 1_000_000)
+        check_int("eval_batch", self.eval_batch, 1, 256)
+        check_int("samples_per_family", self.samples_per_family, 0, 1000)
+        self.eval_timesteps = tuple(float(t) for t in self.eval_timesteps)
+        if not self.eval_timesteps:
+            raise UserError("eval_timesteps is empty: give at least one t in (0, 1), e.g. 0.9")
+        for t in self.eval_timesteps:
+            check_number("eval_timesteps", t, above=0, at_most=1)
 
 
 def _check_labels(entries: list[CacheEntry], cache: str) -> None:
@@ -63,12 +100,14 @@ def _loss_metrics(settings: EvaluationSettings, entries: list[CacheEntry], netwo
     boundary = get_task(settings.task).boundary_ratio
     shapes = linear_shapes(dits["high"])
     unique = list({id(d): d for d in dits.values()}.values())
-    results = {"base": evaluation.held_out_losses(entries, dits, boundary, seed=settings.seed)}
+    budget = {"seed": settings.seed, "timesteps": settings.eval_timesteps, "batch_size": settings.eval_batch}
+    results = {"base": evaluation.held_out_losses(entries, dits, boundary, **budget)}
     if settings.base_lora_weights:
         stage1 = LoRANetwork.from_modules(read_lora(settings.base_lora_weights).modules, shapes)
+        stage1.to(next(dits["high"].parameters()).device)
         for dit in unique:
             stage1.apply_to(dit)
-        results["stage1"] = evaluation.held_out_losses(entries, dits, boundary, seed=settings.seed)
+        results["stage1"] = evaluation.held_out_losses(entries, dits, boundary, **budget)
         for dit in unique:
             LoRANetwork.remove_from(dit)
     for dit in unique:
@@ -79,7 +118,7 @@ def _loss_metrics(settings: EvaluationSettings, entries: list[CacheEntry], netwo
         dits,
         boundary,
         prepare=lambda batch: network.set_routing(batch.labels * confidence),
-        seed=settings.seed,
+        **budget,
     )
     for dit in unique:
         network.remove_from(dit)
@@ -102,7 +141,7 @@ def _routing(network: LoRAMoENetwork, entries: list[CacheEntry], classifier, met
 
 
 def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier, out: Path,
-             metrics: dict) -> list[report.SamplePair]:  # fmt: skip
+             metrics: dict, dits: dict) -> list[report.SamplePair]:  # fmt: skip
     """Generate clips per family, Stage 1 and Stage 2 from the same noise; presence accuracy, flicker and a Fréchet
     distance on classifier features of the Stage-2 clips.
 
@@ -114,7 +153,9 @@ def _samples(settings: EvaluationSettings, entries: list[CacheEntry], classifier
     from lora_moe_core.inference.generate import InferenceSession
     from lora_moe_core.model.loading import encode_video
 
-    session = InferenceSession(task=settings.task, model=settings.model, lora_moe_weights=settings.lora_moe_weights)
+    # the DiTs already loaded (not a second copy of 53 GB), free of adapters again
+    session = InferenceSession(task=settings.task, model=settings.model, lora_moe_weights=settings.lora_moe_weights,
+                               device=settings.device, dits=dits)  # fmt: skip
     width, height, frames = settings.sample_size
     pairs, flicker, hits, features = [], [], [], []
     for family in FAMILIES:
@@ -155,33 +196,41 @@ def run_evaluation(settings: EvaluationSettings, context: TrackingContext | None
     from lora_moe_core.tracking.mlflow_client import resolve_tracking_uri
 
     resolve_tracking_uri(None, settings.output_dir)  # a garbage MLFLOW_TRACKING_URI fails before any work
-    entries = read_cache(settings.cache)
-    _check_labels(entries, settings.cache)
-    dits = load_dits(settings.task, settings.model)
-    network = load_network(settings.lora_moe_weights, linear_shapes(dits["high"]))
+    device = resolve_device(settings.device)
+    available = read_cache(settings.cache)
+    _check_labels(available, settings.cache)
+    entries = select_clips(available, settings.eval_clips)
     if settings.matched_lora_weights:
         arms.read_matched_lora(settings.matched_lora_weights)  # refused before any output is written
+    dits = load_dits(settings.task, settings.model, compute_dtype(device))
+    for dit in {id(d): d for d in dits.values()}.values():
+        dit.to(device)
+    network = load_network(settings.lora_moe_weights, linear_shapes(dits["high"])).to(device)
     classifier = None
     if settings.classifier_weights:
         from lora_moe_core.model.classifier import load_classifier
 
         classifier = load_classifier(settings.classifier_weights)
     with removed_on_failure(settings.output_dir) as out:  # inputs are checked: only now is a folder created
-        return _evaluate(settings, entries, dits, network, classifier, out, context)
+        metrics = {"evaluation.clips": len(entries), "evaluation.held_out_clips": len(available),
+                   "evaluation.timesteps": len(settings.eval_timesteps),
+                   "evaluation.samples": 2 * len(FAMILIES) * settings.samples_per_family}  # fmt: skip
+        return _evaluate(settings, entries, dits, network, classifier, out, context, metrics)
 
 
 def _evaluate(settings: EvaluationSettings, entries: list[CacheEntry], dits, network, classifier, out: Path,
-              context: TrackingContext | None) -> dict[str, float]:  # fmt: skip
+              context: TrackingContext | None, metrics: dict[str, float]) -> dict[str, float]:  # fmt: skip
     """The metrics, plots, samples and report of :func:`run_evaluation`, written into ``out``."""
-    metrics: dict[str, float] = {}
     _loss_metrics(settings, entries, network, dits, metrics)
     boundary = get_task(settings.task).boundary_ratio
-    found, misrouting = specialisation.specialisation_metrics(network, entries, dits, boundary, settings.seed)
+    found, misrouting = specialisation.specialisation_metrics(network, entries, dits, boundary, settings.seed,
+                                                              settings.eval_timesteps, settings.eval_batch)  # fmt: skip
     metrics.update(found)
     if settings.matched_lora_weights:
         metrics.update(_arm_comparison(settings, entries, dits, network))
+    network.to("cpu")  # routing metrics compare its gates with the cached labels, on the CPU
     routing = _routing(network, entries, classifier, metrics)
-    pairs = _samples(settings, entries, classifier, out, metrics) if settings.samples_per_family else []
+    pairs = _samples(settings, entries, classifier, out, metrics, dits) if settings.samples_per_family else []
     gates = network.timestep_gates
     plots = [report.plot_losses(metrics, out / "loss_by_family.png"),
              report.plot_confusion(routing["confusion"], out / "routing_confusion.png"),
@@ -214,7 +263,17 @@ def _arm_comparison(settings: EvaluationSettings, entries: list[CacheEntry], dit
     states = {"stage2": settings.stage2_state or curves.state_beside(settings.lora_moe_weights),
               arms.ARM: settings.matched_lora_state or curves.state_beside(settings.matched_lora_weights)}  # fmt: skip
     matched = arms.read_matched_lora(settings.matched_lora_weights)
-    return arms.compare(network, matched, entries, dits, get_task(settings.task).boundary_ratio, states, settings.seed)
+    return arms.compare(
+        network,
+        matched,
+        entries,
+        dits,
+        get_task(settings.task).boundary_ratio,
+        states,
+        settings.seed,
+        settings.eval_timesteps,
+        settings.eval_batch,
+    )  # the MoE's own (t, noise) pairs
 
 
 def _mlflow_links(tracker, context: TrackingContext | None) -> list[tuple[str, MlflowLink]]:

@@ -22,17 +22,16 @@ Every number comes from held-out clips at the fixed ``(t, noise)`` pairs of :fun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from lora_moe_core.data.latent_cache import CacheEntry
+from lora_moe_core.evaluation.batched import DEFAULT_BATCH, draw_noises, score_clip
 from lora_moe_core.evaluation.metrics import EVAL_TIMESTEPS, entry_families
 from lora_moe_core.families import FAMILIES, NUM_FAMILIES
-from lora_moe_core.training import flow_matching as fm
-from lora_moe_core.training import losses
 from lora_moe_core.training.batches import Batch, collate
 
 BOOTSTRAP_SAMPLES = 2000
@@ -67,30 +66,32 @@ def standard_routes(network) -> dict[str, Route]:
 
 @torch.no_grad()
 def clip_losses(
-    entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, routes: dict[str, Route], seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Held-out diffusion loss per clip (mean over ``EVAL_TIMESTEPS``) under each route: ``{route: [N]}``.
+    entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, routes: dict[str, Route], seed: int = 0,
+    timesteps: Sequence[float] = EVAL_TIMESTEPS, network=None, batch_size: int = DEFAULT_BATCH,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Held-out diffusion loss per clip (mean over ``timesteps``) under each route: ``{route: [N]}``.
 
     The noise of clip ``i`` is drawn as :func:`evaluation.held_out_losses` draws it, once, and reused for every
-    route, so the routes differ only in their gates.
+    route, so the routes differ only in their gates. With ``network`` (the LoRA-MoE the routes set) all routes of a
+    clip share the blocks before the first expert and run the rest as one batch (:mod:`batched`); without it each
+    route runs the whole DiT.
     """
     out = {name: np.zeros(len(entries)) for name in routes}
     for index, entry in enumerate(entries):
         batch = collate([entry])
-        generator = torch.Generator().manual_seed(seed * 100_003 + index)
-        noises = [torch.randn(batch.latents.shape, generator=generator) for _ in EVAL_TIMESTEPS]
-        target = [noise - batch.latents for noise in noises]
+        noises = draw_noises(batch, torch.Generator().manual_seed(seed * 100_003 + index), timesteps)
+        if network is not None:
+            gates = []
+            for route in routes.values():
+                route(batch)
+                gates.append(network.router_gates.detach().reshape(1, -1).clone())
+            scores, _ = score_clip(dits, boundary, batch, noises, timesteps, batch_size, gates, network)
+            for row, name in enumerate(routes):
+                out[name][index] = scores[row].mean()
+            continue
         for name, route in routes.items():
             route(batch)
-            total = 0.0
-            for t_value, noise, goal in zip(EVAL_TIMESTEPS, noises, target, strict=True):
-                t = torch.tensor([t_value])
-                x_t = fm.noisy_latents(batch.latents, noise, t)
-                dit = dits["high" if t_value >= boundary else "low"]
-                velocity = dit(hidden_states=x_t, timestep=fm.dit_timestep(t), encoder_hidden_states=batch.text,
-                               return_dict=False)[0]  # fmt: skip
-                total += losses.diffusion_loss(velocity, goal).item()
-            out[name][index] = total / len(EVAL_TIMESTEPS)
+            out[name][index] = score_clip(dits, boundary, batch, noises, timesteps, batch_size)[0][0].mean()
     return out
 
 
@@ -211,15 +212,16 @@ def summarise(per_route: dict[str, np.ndarray], members: list[np.ndarray], prefi
 
 
 def route_losses(
-    network, entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, seed: int = 0
-) -> dict[str, np.ndarray]:
+    network, entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, seed: int = 0,
+    timesteps: Sequence[float] = EVAL_TIMESTEPS, batch_size: int = DEFAULT_BATCH,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """Apply ``network`` to the DiTs, measure every standard route on ``entries`` (:func:`clip_losses`), remove
     the network again."""
     unique = list({id(d): d for d in dits.values()}.values())
     for dit in unique:
         network.apply_to(dit)
     try:
-        return clip_losses(entries, dits, boundary, standard_routes(network), seed)
+        return clip_losses(entries, dits, boundary, standard_routes(network), seed, timesteps, network, batch_size)
     finally:
         for dit in unique:
             network.remove_from(dit)
@@ -231,15 +233,16 @@ def expert_clip_losses(per_route: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def specialisation_metrics(
-    network, entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, seed: int = 0
-) -> tuple[dict[str, float], np.ndarray]:
+    network, entries: list[CacheEntry], dits: dict[str, nn.Module], boundary: float, seed: int = 0,
+    timesteps: Sequence[float] = EVAL_TIMESTEPS, batch_size: int = DEFAULT_BATCH,
+) -> tuple[dict[str, float], np.ndarray]:  # fmt: skip
     """Measure every standard route of ``network`` on the labelled clips (:func:`route_losses`).
 
     Returns:
         The flat metrics of :func:`summarise` and the misrouting matrix ``[F, E]`` (NaN rows: no clips).
     """
     labelled = [entry for entry in entries if entry.labelled]
-    per_route = route_losses(network, labelled, dits, boundary, seed)
+    per_route = route_losses(network, labelled, dits, boundary, seed, timesteps, batch_size)
     members = family_members(labelled)
     return summarise(per_route, members), misrouting_matrix(expert_clip_losses(per_route), members)
 

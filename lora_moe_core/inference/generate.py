@@ -30,6 +30,7 @@ from lora_moe_core.errors import UserError
 from lora_moe_core.families import FAMILIES
 from lora_moe_core.inference.prompts import negative_or_default, plan_jobs
 from lora_moe_core.inference.request import InferenceRequest
+from lora_moe_core.model.devices import resolve_device
 from lora_moe_core.model.sources import ModelSource
 
 FPS = 16  # WAN2.2 A14B generates 16 fps clips
@@ -95,22 +96,6 @@ def check_generation_args(height: int, width: int, num_frames: int, num_inferenc
                         f"classifier-free guidance on or off for both experts from guidance_scale alone")  # fmt: skip
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/``auto`` → cuda when available, else cpu."""
-    from lora_moe_core.inference.request import DEVICE_PATTERN
-
-    if device is not None and not DEVICE_PATTERN.fullmatch(str(device)):
-        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
-    try:
-        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else None
-        resolved = resolved or torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but CUDA is not available here")
-    return resolved
-
-
 # -- the session --------------------------------------------------------------------------------------------------
 class InferenceSession:
     """A WanPipeline (two DiTs, UniPC flow scheduler) with a LoRA-MoE applied to both DiTs.
@@ -124,13 +109,14 @@ class InferenceSession:
         classifier_weights: instrument classifier for videos routed by a reference video.
         device, dtype: ``auto`` = cuda when available; dtype (``bf16``... or torch) default bf16 on cuda, else fp32.
         flow_shift: UniPC flow shift (default: the task's official 12).
+        dits: ``{"high", "low"}`` DiTs already loaded (evaluation's), free of adapters; default: load ``model``'s.
     """
 
     def __init__(self, task: str = "t2v-A14B", model: ModelSource | str | None = None,
                  lora_moe_weights: str | None = None, alpha_base: float | None = None,
                  alpha_expert: float | None = None, merge: bool = False, classifier_weights: str | None = None,
                  device: str | None = None, dtype: torch.dtype | str | None = None,
-                 flow_shift: float | None = None):  # fmt: skip
+                 flow_shift: float | None = None, dits: dict[str, torch.nn.Module] | None = None):  # fmt: skip
         from diffusers import UniPCMultistepScheduler, WanPipeline
 
         from lora_moe_core.data.vocabulary import Vocabulary
@@ -148,7 +134,7 @@ class InferenceSession:
         encoders = load_encoders(task, model, self.dtype)
         if task == "tiny" and self.device.type != "cpu":
             encoders = copy.deepcopy(encoders)  # the tiny encoders are memoised: leave the shared copy on the CPU
-        self.dits = load_dits(task, model, self.dtype)
+        self.dits = dits if dits is not None else load_dits(task, model, self.dtype)
         self.network = self._load_network(lora_moe_weights, alpha_base, alpha_expert)
         self.merge = merge
         self._merged_gates: torch.Tensor | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -10,9 +9,8 @@ from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT
 from lora_moe_core.errors import UserError
 from lora_moe_core.guards.numbers import check_int, check_number
 from lora_moe_core.guards.text import check_text
+from lora_moe_core.model.devices import DEVICE_PATTERN
 
-#: Devices a video can be generated on; "meta" or "xla" would load no weights and fail deep inside diffusers.
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d{1,2})?")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows past 64 bits
 MAX_SIDE, MAX_FRAMES = 4096, 1025  # beyond what Wan2.2 generates (1280x720, 81-121 frames), far beyond memory
 

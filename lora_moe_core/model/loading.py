@@ -247,9 +247,28 @@ def _from_folder(folder: Path, part: str, dtype: torch.dtype) -> Encoders:
         raise UserError(f"cannot load the VAE/text encoder from {folder}: {str(exc).splitlines()[0]}") from None
 
 
+def encoders_on(encoders: Encoders, device: torch.device, copy: bool = False) -> Encoders:
+    """The encoders for computing on ``device``: on a GPU the text encoder and the VAE in bf16 (musubi's cache
+    dtypes), on the CPU as loaded. ``copy``: move a copy (the tiny encoders are memoised and shared)."""
+    if device.type == "cpu":
+        return encoders
+    import copy as copying
+
+    moved = copying.deepcopy(encoders) if copy else encoders
+    moved.text_encoder.to(device, torch.bfloat16)
+    moved.vae.to(device, torch.bfloat16)
+    return moved
+
+
 @torch.no_grad()
-def encode_prompts(encoders: Encoders, prompts: list[str], device: str = "cpu") -> list[torch.Tensor]:
-    """UMT5 embeddings per prompt, cut to the real token count: ``[L_i, D]`` (musubi's ``varlen_t5``)."""
+def encode_prompts(
+    encoders: Encoders, prompts: list[str], device: str | torch.device | None = None
+) -> list[torch.Tensor]:
+    """UMT5 embeddings per prompt, cut to the real token count: ``[L_i, D]`` (musubi's ``varlen_t5``), on the CPU.
+
+    ``device``: where the tokens go (default: the text encoder's).
+    """
+    device = device if device is not None else next(encoders.text_encoder.parameters()).device
     tokens = encoders.tokenizer(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
                                 add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
     mask = tokens.attention_mask.to(device)
@@ -270,12 +289,14 @@ def pad_prompt_embeds(embeds: list[torch.Tensor], length: int = MAX_SEQUENCE_LEN
 def encode_video(vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
     """``[B, 3, T, H, W]`` in [-1, 1] → normalised latents ``[B, 16, 1+(T-1)/4, H/8, W/8]``.
 
-    Uses the posterior mean, normalised with the VAE's ``latents_mean``/``latents_std``: musubi's cache
-    convention, so a user's musubi cache and ours are interchangeable.
+    The clip moves to the VAE's device and dtype. Uses the posterior mean, normalised with the VAE's
+    ``latents_mean``/``latents_std``: musubi's cache convention, so a user's musubi cache and ours are
+    interchangeable.
     """
-    mean, std = latent_stats(vae, video.device)
-    moments = vae.encode(video.to(next(vae.parameters()).dtype)).latent_dist.mode().float()
-    return (moments - mean) / std
+    weight = next(vae.parameters())
+    mean, std = latent_stats(vae, weight.device)
+    moments = vae.encode(video.to(weight.device, weight.dtype)).latent_dist.mode().float()
+    return (moments - mean) / std  # on the VAE's device
 
 
 def latent_stats(vae: nn.Module, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,8 +107,10 @@ class HostCopy:
     def __init__(self, params: list[nn.Parameter], device: torch.device) -> None:
         pin = device.type == "cuda"
         self.params, self.device = params, device
-        self.host = [_host_tensor(p.data, pin) for p in params]
-        self.unload()
+        self.host = []
+        for param in params:  # point each parameter at its pinned copy at once: the original (a view of the
+            param.data = _host_tensor(param.data, pin)  # file's pages) goes now, not after the whole DiT is pinned
+            self.host.append(param.data)
 
     @property
     def loaded(self) -> bool:

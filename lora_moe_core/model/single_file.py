@@ -108,12 +108,46 @@ def load_dit_file(uri: str, flag: str, task: str, dtype: torch.dtype, folder: Pa
         raise UserError(f"--{flag} {path} holds {contents.description}, but task {task} needs a Wan DiT with dim "
                         f"{need[0]} and {need[1]} input channels")  # fmt: skip
     check_state_shapes(renamed, expected, path, flag, f"the {task} DiT")
-    with tempfile.TemporaryDirectory(prefix="lora-moe-config-") as scratch:
-        model = WanTransformer3DModel.from_single_file(
-            str(path), config=_config_folder(config, "transformer", scratch), subfolder="transformer",
-            torch_dtype=dtype, local_files_only=True,
-        )  # fmt: skip
+    return mapped_dit(path, flag, config, dtype)
+
+
+def mapped_dit(path: Path, flag: str, config: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
+    """The DiT of a checked single file, its weights views of the file's pages (:mod:`formats.mapped`).
+
+    The same model ``WanTransformer3DModel.from_single_file(..., torch_dtype=dtype)`` builds (diffusers' dtype
+    rules: fp16 keeps ``_keep_in_fp32_modules`` in fp32, then the whole model is cast), without the one mapping
+    of the whole file that safetensors' reader keeps while any of its tensors lives: a tensor already in ``dtype``
+    stays a view of its own mapping, whose pages go when it does (moved to the GPU, quantised to fp8, pinned for
+    offloading), and any other is cast one tensor at a time, so the host never holds the file's pages and the
+    converted model at once.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    from lora_moe_core.formats.mapped import map_safetensors, read_header
+
+    what = f"--{flag} weights file"
+    stored = {info.get("dtype") for info in read_header(path, what)[1].values() if isinstance(info, dict)}
+    as_is = stored == {_SAFETENSORS_NAMES.get(dtype)}  # nothing to cast: start reading every page now
+    state = map_safetensors(path, what, readahead=as_is)
+    expected_keys = set(_meta_shapes(lambda: WanTransformer3DModel.from_config(config)))
+    if not expected_keys <= set(state):
+        state = convert_wan_transformer_to_diffusers(state)  # renames only: the views stay views
+    with init_empty_weights():  # parameters on the meta device, buffers (RoPE tables) real, as diffusers does
+        model = WanTransformer3DModel.from_config(config)
+    keep = tuple(WanTransformer3DModel._keep_in_fp32_modules or ()) if dtype == torch.float16 else ()
+    loaded = {}
+    for key in list(state):
+        tensor = state.pop(key)  # dropped as soon as it is cast: its mapping closes with it
+        wanted = torch.float32 if any(part in keep for part in key.split(".")) else dtype
+        loaded[key] = tensor if tensor.dtype == wanted else tensor.to(wanted)
+    model.load_state_dict(loaded, strict=True, assign=True)
+    nn.Module.to(model, dtype)  # buffers too, as from_single_file ends (without ModelMixin.to's fp32 warning)
     return model.eval().requires_grad_(False)
+
+
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def load_vae_file(uri: str, task: str, folder: Path | None = None) -> nn.Module:
