@@ -24,7 +24,8 @@ from components import (
     train_stage1,
     train_stage2,
 )
-from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
+from components.k8s import ClusterSettings, cpu_task, gpu_task, launcher_task, trainjob_placement, use_credentials
+from components.train_stage2_trainjob import train_stage2_trainjob
 from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, DEFAULT_TASK, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
 from pipelines.defaults import BASE_MODEL_URI, PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
 
@@ -77,6 +78,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         stage2_learning_rate: float = SEED_STAGE2["learning_rate"],
         seed: int = SEED_STAGE2["seed"],
         gpus_per_step: int = 1,
+        stage2_num_nodes: int = 1,
+        stage2_trainjob_ttl_s: int = 86400,
         samples_per_family: int = 1,
         sample_steps: int = 30,
         sample_width: int = 832,
@@ -130,6 +133,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             stage2_learning_rate: 4 Stage 2 · AdamW learning rate of experts and router.
             seed: 4 Stage 2 · random seed of both stages, evaluation noise and sample videos.
             gpus_per_step: 4 Stage 2 · GPUs of each training step (torchrun); caching, evaluation, inference use 1.
+            stage2_num_nodes: 4 Stage 2 · > 1: Stage 2 as a Kubeflow Trainer TrainJob of this many gpus_per_step nodes.
+            stage2_trainjob_ttl_s: 4 Stage 2 · keep the finished TrainJob this long (0: delete at once, < 0: keep).
             samples_per_family: 5 evaluation · generated clips per instrument family in the report (0: none).
             sample_steps: 5 evaluation · denoising steps of report clips and sample videos.
             sample_width: 5 evaluation · width of report clips and sample videos (multiple of 16).
@@ -243,31 +248,48 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             imported = cpu(import_stage1(stage1_lora_uri=stage1_lora_uri, **context))
         stage1_lora_uri_out = dsl.OneOf(stage1.outputs["Output"], imported.outputs["Output"])
 
-        stage2 = gpu(
-            train_stage2(
-                cache_uri=data.outputs["train_cache_uri"],
-                stage1_lora_uri=stage1_lora_uri_out,
-                config=stage2_config,
-                task=task,
-                base_model_uri=base_model_uri,
-                dit_uri=dit_uri,
-                dit_high_noise_uri=dit_high_noise_uri,
-                vae_uri=vae_uri,
-                t5_uri=t5_uri,
-                num_train_epochs=stage2_epochs,
-                learning_rate=stage2_learning_rate,
-                seed=seed,
-                gpus=gpus_per_step,
-                run_uri=data.outputs["run_uri"],
-                **context,
-            ).after(cache),
-            gpus=gpus_per_step,
-            timeout_s=s.train_timeout_s,
+        stage2_inputs = dict(
+            cache_uri=data.outputs["train_cache_uri"],
+            stage1_lora_uri=stage1_lora_uri_out,
+            config=stage2_config,
+            task=task,
+            base_model_uri=base_model_uri,
+            dit_uri=dit_uri,
+            dit_high_noise_uri=dit_high_noise_uri,
+            vae_uri=vae_uri,
+            t5_uri=t5_uri,
+            num_train_epochs=stage2_epochs,
+            learning_rate=stage2_learning_rate,
+            seed=seed,
+            run_uri=data.outputs["run_uri"],
+            **context,
         )
+        with dsl.If(stage2_num_nodes == 1, name="train-stage-2-one-node"):
+            stage2 = gpu(
+                train_stage2(gpus=gpus_per_step, **stage2_inputs).after(cache),
+                gpus=gpus_per_step,
+                timeout_s=s.train_timeout_s,
+            )
+        with dsl.Else(name="train-stage-2-trainjob"):
+            launched = use_credentials(
+                launcher_task(
+                    train_stage2_trainjob(
+                        num_nodes=stage2_num_nodes,
+                        gpus_per_node=gpus_per_step,
+                        placement=trainjob_placement(s),
+                        ttl_s=stage2_trainjob_ttl_s,
+                        **stage2_inputs,
+                    ).after(cache),
+                    s,
+                ),
+                s,
+            )
+        stage2_lora_moe = dsl.OneOf(stage2.outputs["lora_moe"], launched.outputs["lora_moe"])
+        stage2_metrics = dsl.OneOf(stage2.outputs["metrics"], launched.outputs["metrics"])
         evaluation = gpu(
             evaluate(
                 eval_cache_uri=data.outputs["eval_cache_uri"],
-                lora_moe=stage2.outputs["lora_moe"],
+                lora_moe=stage2_lora_moe,
                 stage1_lora_uri=stage1_lora_uri_out,
                 task=task,
                 base_model_uri=base_model_uri,
@@ -286,7 +308,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         )
         samples = gpu(
             infer_export(
-                lora_moe=stage2.outputs["lora_moe"],
+                lora_moe=stage2_lora_moe,
                 task=task,
                 base_model_uri=base_model_uri,
                 dit_uri=dit_uri,
@@ -306,7 +328,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         )
         register = cpu(
             register_model(
-                lora_moe=stage2.outputs["lora_moe"],
+                lora_moe=stage2_lora_moe,
                 instrument_loras=samples.outputs["instrument_loras"],
                 model_name=model_name,
                 alias=model_alias,
@@ -318,8 +340,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             s3=False,
         )
         return TrainingOutputs(
-            lora_moe=stage2.outputs["lora_moe"],
-            stage2_metrics=stage2.outputs["metrics"],
+            lora_moe=stage2_lora_moe,
+            stage2_metrics=stage2_metrics,
             eval_metrics=evaluation.outputs["metrics"],
             report=evaluation.outputs["report"],
             videos=samples.outputs["videos"],
