@@ -296,7 +296,9 @@ def trainjob_placement(settings: ClusterSettings) -> dict:
     ]  # fmt: skip
     env = {"S3_ENDPOINT_URL": settings.s3_endpoint_url, "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
     secret_env = [SecretEnv(name, settings.s3_secret, key) for key, name in S3_SECRET_KEYS.items()]
-    secret_env += [SecretEnv(name, settings.mlflow_secret, key, optional=True) for key, name in MLFLOW_SECRET_KEYS.items()]
+    secret_env += [
+        SecretEnv(name, settings.mlflow_secret, key, optional=True) for key, name in MLFLOW_SECRET_KEYS.items()
+    ]
     placement = Placement(
         image=settings.trainer_image,
         accelerator_type=settings.accelerator_type,

@@ -74,6 +74,10 @@ def train_stage2_trainjob(
             metrics.log_metric(key, float(value))
     stage_uri = join(run_uri, "stage2")
     lora_moe.metadata.update(
-        {"stage": "stage_b", "stage1_lora_uri": stage1_lora_uri, "uri": join(stage_uri, "lora_moe_final.safetensors"),
-         "trainjob_nodes": num_nodes}  # fmt: skip
+        {
+            "stage": "stage_b",
+            "stage1_lora_uri": stage1_lora_uri,
+            "uri": join(stage_uri, "lora_moe_final.safetensors"),
+            "trainjob_nodes": num_nodes,
+        }  # fmt: skip
     )

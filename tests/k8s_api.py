@@ -117,6 +117,7 @@ class Cluster:
     forbidden: set[tuple[str, str]] = field(default_factory=set)
     controller: Callable[[Cluster], None] = lambda cluster: None
     requests: list[tuple[str, str]] = field(default_factory=list)
+    calls: set[tuple[str, str]] = field(default_factory=set)  # (verb, resource) as RBAC names them
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -159,6 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._status(404, "NotFound", f"the server could not find the requested resource {self.path}")
             resource = {"runtime": "clustertrainingruntimes", "trainjobs": "trainjobs", "trainjob": "trainjobs",
                         "pods": "pods", "log": "pods/log"}[kind]  # fmt: skip
+            cluster.calls.add((verb, resource))
             if (verb, resource) in cluster.forbidden:
                 return self._status(403, "Forbidden", f'{resource} is forbidden: cannot {verb} resource "{resource}"')
             if kind in ("trainjob", "trainjobs") and verb in ("get", "list"):
@@ -183,8 +185,14 @@ class _Handler(BaseHTTPRequestHandler):
         if args["name"] not in cluster.runtimes:
             return self._status(404, "NotFound", f'clustertrainingruntimes.trainer.kubeflow.org "{args["name"]}" '
                                                  "not found")  # fmt: skip
-        self._send(200, {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
-                         "metadata": {"name": args["name"], "labels": {"trainer.kubeflow.org/framework": "torch"}}})
+        self._send(
+            200,
+            {
+                "apiVersion": "trainer.kubeflow.org/v1alpha1",
+                "kind": "ClusterTrainingRuntime",
+                "metadata": {"name": args["name"], "labels": {"trainer.kubeflow.org/framework": "torch"}},
+            },
+        )
 
     def _create_trainjobs(self, cluster: Cluster, args, query) -> None:
         body = self._body()
@@ -247,8 +255,11 @@ class KubernetesAPI:
 
     def __init__(self) -> None:
         self.cluster = Cluster()
-        handler = type("Handler", (_Handler,), {"cluster": self.cluster,
-                                               "validator": jsonschema.Draft7Validator(trainjob_schema())})
+        handler = type(
+            "Handler",
+            (_Handler,),
+            {"cluster": self.cluster, "validator": jsonschema.Draft7Validator(trainjob_schema())},
+        )
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -103,8 +103,16 @@ def test_trainjob_pods_are_placed_as_the_single_pod_stage2_step(tmp_path):
     assert resources["accelerator"]["resourceType"] in trainer["resourcesPerNode"]["limits"]
     plain = {e["name"]: e["value"] for e in trainer["env"] if "value" in e}
     assert {e["name"]: e["value"] for e in container["env"]}.items() <= plain.items()
-    from_secrets = {(e["name"], e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"],
-                     e["valueFrom"]["secretKeyRef"].get("optional", False)) for e in trainer["env"] if "valueFrom" in e}
+    from_secrets = {
+        (
+            e["name"],
+            e["valueFrom"]["secretKeyRef"]["name"],
+            e["valueFrom"]["secretKeyRef"]["key"],
+            e["valueFrom"]["secretKeyRef"].get("optional", False),
+        )
+        for e in trainer["env"]
+        if "valueFrom" in e
+    }
     expected = {(k["envVar"], s["secretName"], k["secretKey"], s["optional"]) for s in single["secretAsEnv"]
                 for k in s["keyToEnv"]}  # fmt: skip
     assert from_secrets == expected and ("AWS_ACCESS_KEY_ID", "store-keys", "AWS_ACCESS_KEY_ID", False) in expected

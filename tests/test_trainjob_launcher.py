@@ -167,3 +167,31 @@ def test_cluster_refusals_are_one_line_errors_that_say_what_to_fix():
     assert "HTTP 422" in str(refused.value) and "numNodes" in str(refused.value)
     for caught in (missing, forbidden, refused):
         assert "\n" not in str(caught.value)
+
+
+def test_the_manifests_grant_every_call_the_launcher_makes():
+    """The launcher's calls (all paths: sweep, create, take over, replace, wait, logs, TTL) against the rendered
+    RBAC of manifests/: the Role for the namespaced ones, the ClusterRole for the cluster's runtimes."""
+    from tests.test_deploy_files import _one, _render
+
+    with KubernetesAPI() as api:
+        expired = _body("expired")
+        expired["metadata"]["annotations"] = {DELETE_AFTER: "1"}
+        api.cluster.trainjobs[(NS, "expired")] = expired
+        failed = {**_body(), "status": {"conditions": [_condition("Failed")]}}
+        api.cluster.trainjobs[(NS, NAME)] = failed
+        complete = {"conditions": [_condition("Complete")]}
+        api.cluster.controller = Script([RUNNING, complete], on_start=_pods(("Running", "Running")))
+        _runner(api, []).run(_body())
+        calls = api.cluster.calls
+    assert calls == {("list", "trainjobs"), ("delete", "trainjobs"), ("get", "clustertrainingruntimes"),
+                     ("create", "trainjobs"), ("get", "trainjobs"), ("list", "pods"), ("get", "pods/log"),
+                     ("patch", "trainjobs")}  # fmt: skip
+    objects = _render("dev")
+    granted = set()
+    for role in (_one(objects, "Role", "lora-moe-pipeline-runner"),
+                 _one(objects, "ClusterRole", "lora-moe-trainer-runtimes-view")):  # fmt: skip
+        granted |= {
+            (verb, resource) for rule in role["rules"] for verb in rule["verbs"] for resource in rule["resources"]
+        }
+    assert calls <= granted, calls - granted

@@ -5,8 +5,8 @@
 placement a single-pod Stage-2 step gets from the pipeline (node selector, tolerations, a memory-backed
 ``/dev/shm``, CPU/memory requests, the non-root uid, image pull secrets, the MinIO/MLflow endpoints and the
 credentials as ``secretKeyRef`` environment variables) as a ``runtimePatches`` entry of the ``node`` replicated
-job (Trainer >= 2.2; the older ``podSpecOverrides`` is gone). tests/data/trainjob_crd names the CRD release it is
-checked against. Talking to the cluster is :mod:`lora_moe_core.training.trainjob_client`.
+job (Trainer >= 2.2; the older ``podSpecOverrides`` is gone). Written for, and checked against, the TrainJob CRD of
+Kubeflow Trainer v2.3.0. Talking to the cluster is :mod:`lora_moe_core.training.trainjob_client`.
 """
 
 from __future__ import annotations
@@ -186,8 +186,12 @@ def build_trainjob(request: TrainJobRequest) -> dict[str, Any]:
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": "TrainJob",
-        "metadata": {"name": request.name, "namespace": request.namespace, "labels": dict(PART_OF),
-                     "annotations": dict(request.annotations)},  # fmt: skip
+        "metadata": {
+            "name": request.name,
+            "namespace": request.namespace,
+            "labels": dict(PART_OF),
+            "annotations": dict(request.annotations),
+        },  # fmt: skip
         "spec": {
             "runtimeRef": {"name": placement.runtime, "apiGroup": API_GROUP, "kind": "ClusterTrainingRuntime"},
             "activeDeadlineSeconds": placement.timeout_s,
@@ -197,8 +201,11 @@ def build_trainjob(request: TrainJobRequest) -> dict[str, Any]:
                 "numNodes": request.num_nodes,
                 "env": _env(request),
                 "resourcesPerNode": {
-                    "requests": {"cpu": placement.cpu_request, "memory": placement.memory_request,
-                                 placement.accelerator_type: gpus},
+                    "requests": {
+                        "cpu": placement.cpu_request,
+                        "memory": placement.memory_request,
+                        placement.accelerator_type: gpus,
+                    },
                     "limits": {placement.accelerator_type: gpus},
                 },  # fmt: skip
             },

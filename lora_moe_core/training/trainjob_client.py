@@ -59,7 +59,7 @@ def kube_api(host: str | None = None):
         try:
             config.load_kube_config()
         except (config.ConfigException, OSError) as exc:
-            raise UserError(f"no Kubernetes API to launch the TrainJob on (not in a pod, no kubeconfig): {exc}") from None
+            raise UserError(f"no Kubernetes API for the TrainJob (not in a pod, no kubeconfig): {exc}") from None
     return client.ApiClient()
 
 
@@ -243,8 +243,13 @@ class TrainJobRunner:
             self._delete(namespace, name)
         elif ttl > 0:
             after = str(int(self.clock() + ttl))
+            from kubernetes.client.exceptions import ApiException
+
             body = {"metadata": {"annotations": {DELETE_AFTER: after}}}
-            self.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name, body)
+            try:
+                self.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name, body)
+            except ApiException as exc:
+                raise _api_error(exc, f"marking TrainJob {name} for deletion after {ttl} s") from None
             self.log(f"TrainJob {name}: kept for {ttl} s (deleted by a later launcher after that)")
         else:
             self.log(f"TrainJob {name}: kept (ttl < 0); delete it with kubectl delete trainjob {name}")
