@@ -14,6 +14,7 @@ from components.register_model import register_model
 from components.tracking import finish_tracking, start_tracking
 from components.train_stage1 import import_stage1, train_stage1
 from components.train_stage2 import train_stage2
+from components.train_stage2_trainjob import train_stage2_trainjob
 
 __all__ = [
     "cache_latents",
@@ -29,4 +30,5 @@ __all__ = [
     "start_tracking",
     "train_stage1",
     "train_stage2",
+    "train_stage2_trainjob",
 ]

@@ -104,6 +104,9 @@ class ClusterSettings:
     mlflow_secret: str = "mlflow-credentials"
     image_pull_secrets: tuple[str, ...] = ()
     run_as_user: int = IMAGE_UID  # uid and gid of every task container: the images' USER
+    # stage2_num_nodes > 1 → a TrainJob launcher (dsl.If/Else, the checkpoint through dsl.OneOf). kfp.local has no
+    # cluster to launch on and resolves no dsl.OneOf of artifacts: local runs compile today's single Stage-2 step.
+    trainjob_stage2: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> ClusterSettings:

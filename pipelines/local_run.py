@@ -199,6 +199,9 @@ def run_local(run: LocalRun) -> LocalResult:
     arguments = run.arguments()
     if run.pipeline == "training":
         _check_store(run.store_uri)
+        if arguments.get("stage2_num_nodes", 1) != 1:  # the local build has no TrainJob branch (components/k8s.py)
+            raise UserError("stage2_num_nodes > 1 runs Stage 2 as a Kubeflow Trainer TrainJob on a cluster "
+                            "(lora-moe pipeline compile/submit); a local run trains it here, on one node")  # fmt: skip
     run.output_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = run.resolved_tracking_uri()
     (run.output_dir / "arguments.json").write_text(json.dumps(arguments, indent=2, ensure_ascii=False))
@@ -213,7 +216,8 @@ def run_local(run: LocalRun) -> LocalResult:
     with _environment(env):
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run.output_dir / "kfp"))
         # endpoints from this process's environment, not the cluster's service names; a failed step fails at once
-        local_settings = ClusterSettings(s3_endpoint_url="", mlflow_tracking_uri="", gpu_retries=0, cpu_retries=0)
+        local_settings = ClusterSettings(s3_endpoint_url="", mlflow_tracking_uri="", gpu_retries=0, cpu_retries=0,
+                                         trainjob_stage2=False)  # fmt: skip
         task = build(run.pipeline, local_settings)(**arguments)
     outputs = {name: getattr(artifact, "path", str(artifact)) for name, artifact in task.outputs.items()}
     store = run.store_uri if run.pipeline == "training" else None

@@ -23,9 +23,9 @@ from components import (
     start_tracking,
     train_stage1,
     train_stage2,
+    train_stage2_trainjob,
 )
 from components.k8s import ClusterSettings, cpu_task, gpu_task, launcher_task, trainjob_placement, use_credentials
-from components.train_stage2_trainjob import train_stage2_trainjob
 from lora_moe_core.defaults import ALPHA_BASE, ALPHA_EXPERT, DEFAULT_TASK, EXPERIMENT, REGISTERED_MODEL, REGISTRY_ALIAS
 from pipelines.defaults import BASE_MODEL_URI, PROMPTS, SEED_STAGE1, SEED_STAGE2, STAGE1_CONFIG, STAGE2_CONFIG
 
@@ -51,6 +51,19 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
 
     def gpu(task, gpus=1, timeout_s=None):
         return use_credentials(gpu_task(task, s, gpus=gpus, timeout_s=timeout_s), s)
+
+    def stage2_steps(inputs: dict, gpus_per_step, num_nodes, ttl_s, cache):
+        """Stage 2 in one pod (``stage2_num_nodes`` == 1, today's step), else a TrainJob launcher; the checkpoint
+        and metrics of whichever ran (dsl.OneOf)."""
+        with dsl.If(num_nodes == 1, name="train-stage-2-one-node"):
+            one_pod = gpu(train_stage2(gpus=gpus_per_step, **inputs).after(cache), gpus=gpus_per_step,
+                          timeout_s=s.train_timeout_s)  # fmt: skip
+        with dsl.Else(name="train-stage-2-trainjob"):
+            launcher = train_stage2_trainjob(num_nodes=num_nodes, gpus_per_node=gpus_per_step,
+                                             placement=trainjob_placement(s), ttl_s=ttl_s, **inputs)  # fmt: skip
+            launched = use_credentials(launcher_task(launcher.after(cache), s), s)
+        return (dsl.OneOf(one_pod.outputs["lora_moe"], launched.outputs["lora_moe"]),
+                dsl.OneOf(one_pod.outputs["metrics"], launched.outputs["metrics"]))  # fmt: skip
 
     @dsl.pipeline(name=PIPELINE_NAME, description="LoRA mixture of experts for WAN2.2 surgical video, two stages")
     def lora_moe_training(
@@ -264,28 +277,13 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             run_uri=data.outputs["run_uri"],
             **context,
         )
-        with dsl.If(stage2_num_nodes == 1, name="train-stage-2-one-node"):
-            stage2 = gpu(
-                train_stage2(gpus=gpus_per_step, **stage2_inputs).after(cache),
-                gpus=gpus_per_step,
-                timeout_s=s.train_timeout_s,
-            )
-        with dsl.Else(name="train-stage-2-trainjob"):
-            launched = use_credentials(
-                launcher_task(
-                    train_stage2_trainjob(
-                        num_nodes=stage2_num_nodes,
-                        gpus_per_node=gpus_per_step,
-                        placement=trainjob_placement(s),
-                        ttl_s=stage2_trainjob_ttl_s,
-                        **stage2_inputs,
-                    ).after(cache),
-                    s,
-                ),
-                s,
-            )
-        stage2_lora_moe = dsl.OneOf(stage2.outputs["lora_moe"], launched.outputs["lora_moe"])
-        stage2_metrics = dsl.OneOf(stage2.outputs["metrics"], launched.outputs["metrics"])
+        if s.trainjob_stage2:
+            stage2_lora_moe, stage2_metrics = stage2_steps(stage2_inputs, gpus_per_step, stage2_num_nodes,
+                                                           stage2_trainjob_ttl_s, cache)  # fmt: skip
+        else:  # kfp.local: today's one-pod step alone (pipelines/local_run.py refuses more nodes)
+            stage2 = gpu(train_stage2(gpus=gpus_per_step, **stage2_inputs).after(cache), gpus=gpus_per_step,
+                         timeout_s=s.train_timeout_s)  # fmt: skip
+            stage2_lora_moe, stage2_metrics = stage2.outputs["lora_moe"], stage2.outputs["metrics"]
         evaluation = gpu(
             evaluate(
                 eval_cache_uri=data.outputs["eval_cache_uri"],

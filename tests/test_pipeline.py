@@ -531,6 +531,24 @@ def test_local_run_rejects_unknown_parameters_and_bad_store(tmp_path, capsys, lo
     blocker = tmp_path / "file"
     blocker.write_text("")
     fails_with(capsys, lora_moe, [*run, "--store", str(blocker / "store")], "cannot create the store folder")
+    fails_with(capsys, lora_moe, [*run, "--param", "stage2_num_nodes=2"], "Kubeflow Trainer TrainJob on a cluster")
+
+
+def test_the_local_build_keeps_the_single_stage2_step(tmp_path):
+    """kfp.local resolves no dsl.OneOf of artifacts: its build has today's Stage-2 step, outside any condition."""
+    from kfp import compiler
+
+    from components.k8s import ClusterSettings
+    from pipelines.training import build_training_pipeline
+
+    path = tmp_path / "local.yaml"
+    compiler.Compiler().compile(build_training_pipeline(ClusterSettings(trainjob_stage2=False)), str(path))
+    ir = next(yaml.safe_load_all(path.read_text()))
+    tasks = tasks_by_name(ir)
+    assert tasks["train-stage2"][0] == "root" and "train-stage2-trainjob" not in tasks
+    assert (
+        tasks["evaluate"][1]["inputs"]["artifacts"]["lora_moe"]["taskOutputArtifact"]["producerTask"] == "train-stage2"
+    )
 
 
 def test_defaults_match_the_manifests_and_images():

@@ -143,3 +143,18 @@ def test_trainjob_names_are_stable_per_run_and_task():
     assert first != trainjob_name("another-run", "train-stage2-trainjob")
     assert first.startswith("lora-moe-s2-") and len(first) == 24
     assert validate_trainjob(build_trainjob(_request(name=first))) == []
+
+
+def test_train_node_refuses_bad_input_with_one_line(tmp_path, capsys, monkeypatch):
+    from tests.helpers import assert_one_line_error
+
+    config = tmp_path / "config.json"
+    argv = ["train-node", "--config_uri", str(config), "--stage_uri", str(tmp_path / "stage"),
+            "--work_dir", str(tmp_path / "node")]  # fmt: skip
+    assert_one_line_error(capsys, [*argv, "--gpus_per_node", "0"], "--gpus_per_node 0 must be at least 1")
+    monkeypatch.setenv("PET_NODE_RANK", "one")
+    assert_one_line_error(capsys, [*argv, "--gpus_per_node", "1"], "PET_NODE_RANK 'one' is not a node rank")
+    monkeypatch.setenv("PET_NODE_RANK", "1")
+    assert_one_line_error(capsys, [*argv, "--gpus_per_node", "1"], str(config))  # no config where the launcher put it
+    config.write_text('{"training": {"learning_rat": 1}}')
+    assert_one_line_error(capsys, [*argv, "--gpus_per_node", "1"], "learning_rat")  # checked before torchrun starts
