@@ -15,6 +15,7 @@ from components.tracking import finish_tracking, start_tracking
 from components.train_baseline_arm import skip_baseline_arm, train_baseline_arm
 from components.train_stage1 import import_stage1, train_stage1
 from components.train_stage2 import train_stage2
+from components.train_stage2_trainjob import train_stage2_trainjob
 
 __all__ = [
     "cache_latents",
@@ -32,4 +33,5 @@ __all__ = [
     "train_baseline_arm",
     "train_stage1",
     "train_stage2",
+    "train_stage2_trainjob",
 ]

@@ -33,6 +33,7 @@ _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DURATION = re.compile(r"^\d+(s|m|h)$")
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+LAUNCHER_MARGIN_S = 1800  # the TrainJob launcher outwaits the TrainJob's activeDeadlineSeconds by this much
 
 
 def _check_url(url: str, what: str) -> None:
@@ -103,6 +104,9 @@ class ClusterSettings:
     mlflow_secret: str = "mlflow-credentials"
     image_pull_secrets: tuple[str, ...] = ()
     run_as_user: int = IMAGE_UID  # uid and gid of every task container: the images' USER
+    # stage2_num_nodes > 1 → a TrainJob launcher (dsl.If/Else, the checkpoint through dsl.OneOf). kfp.local has no
+    # cluster to launch on and resolves no dsl.OneOf of artifacts: local runs compile today's single Stage-2 step.
+    trainjob_stage2: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> ClusterSettings:
@@ -280,4 +284,47 @@ def use_credentials(task, settings: ClusterSettings, s3: bool = True, mlflow: bo
         )
         if settings.mlflow_tracking_uri:
             task.set_env_variable("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
+    return task
+
+
+def trainjob_placement(settings: ClusterSettings) -> dict:
+    """What ``gpu_task`` and ``use_credentials`` give a GPU step, for the pods of a Stage-2 TrainJob (as the
+    JSON of ``lora_moe_core.training.trainjob.Placement``): the launcher passes it on at run time."""
+    from lora_moe_core.training.trainjob import Placement, SecretEnv
+
+    tolerations = [
+        {"key": t.key, "operator": "Equal" if t.value is not None else "Exists", "effect": t.effect,
+         **({"value": t.value} if t.value is not None else {})}
+        for t in settings.gpu_tolerations
+    ]  # fmt: skip
+    env = {"S3_ENDPOINT_URL": settings.s3_endpoint_url, "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
+    secret_env = [SecretEnv(name, settings.s3_secret, key) for key, name in S3_SECRET_KEYS.items()]
+    secret_env += [
+        SecretEnv(name, settings.mlflow_secret, key, optional=True) for key, name in MLFLOW_SECRET_KEYS.items()
+    ]
+    placement = Placement(
+        image=settings.trainer_image,
+        accelerator_type=settings.accelerator_type,
+        node_selector=dict(settings.gpu_node_selector),
+        tolerations=tuple(tolerations),
+        cpu_request=settings.gpu_cpu_request,
+        memory_request=settings.gpu_memory_request,
+        shm_size=settings.shm_size,
+        run_as_user=settings.run_as_user,
+        image_pull_secrets=settings.image_pull_secrets,
+        env={k: v for k, v in env.items() if v},  # "" leaves them to the pod's environment, as use_credentials
+        secret_env=tuple(secret_env),
+        timeout_s=settings.train_timeout_s,
+    )
+    return placement.validate().to_dict()
+
+
+def launcher_task(task, settings: ClusterSettings):
+    """Place the Stage-2 TrainJob launcher: a small CPU pod (the GPUs are the TrainJob's) that waits as long as
+    training may run, plus a margin to see the TrainJob's own deadline pass; retried like a GPU step, and a
+    retry follows or replaces the TrainJob of the first attempt."""
+    _common(task, settings, settings.light_image, settings.train_timeout_s + LAUNCHER_MARGIN_S, caching=False)
+    task.set_cpu_request(settings.cpu_cpu_request).set_memory_request(settings.cpu_memory_request)
+    if settings.gpu_retries:
+        task.set_retry(num_retries=settings.gpu_retries, backoff_duration=settings.retry_backoff, backoff_factor=2.0)
     return task

@@ -295,11 +295,15 @@ def run_local(run: LocalRun) -> LocalResult:
 
     arguments = run.arguments()
     check_inputs(arguments)  # before any folder is made: a failed check leaves nothing behind
+    if arguments.get("stage2_num_nodes", 1) != 1:  # the local build has no TrainJob branch (components/k8s.py)
+        raise UserError("stage2_num_nodes > 1 runs Stage 2 as a Kubeflow Trainer TrainJob on a cluster "
+                        "(lora-moe pipeline compile/submit); a local run trains it here, on one node")  # fmt: skip
     # endpoints from this process's environment, not the cluster's service names; a failed step fails at once
     images = {"image_registry": run.image_registry, "image_tag": run.image_tag}
     try:
         local_settings = ClusterSettings.from_env(s3_endpoint_url="", mlflow_tracking_uri="", gpu_retries=0,
-                                                  cpu_retries=0, **images).validate()  # fmt: skip
+                                                  cpu_retries=0, trainjob_stage2=False,
+                                                  **images).validate()  # fmt: skip
     except SettingsError as exc:
         raise UserError(str(exc)) from None
     if run.pipeline == "training":

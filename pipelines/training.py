@@ -25,8 +25,9 @@ from components import (
     train_baseline_arm,
     train_stage1,
     train_stage2,
+    train_stage2_trainjob,
 )
-from components.k8s import ClusterSettings, cpu_task, gpu_task, use_credentials
+from components.k8s import ClusterSettings, cpu_task, gpu_task, launcher_task, trainjob_placement, use_credentials
 from lora_moe_core.defaults import (
     ALPHA_BASE,
     ALPHA_EXPERT,
@@ -64,6 +65,19 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
     def gpu(task, gpus=1, timeout_s=None):
         return use_credentials(gpu_task(task, s, gpus=gpus, timeout_s=timeout_s), s)
 
+    def stage2_steps(inputs: dict, gpus_per_step, num_nodes, ttl_s, cache):
+        """Stage 2 in one pod (``stage2_num_nodes`` == 1, today's step), else a TrainJob launcher; the checkpoint
+        and metrics of whichever ran (dsl.OneOf)."""
+        with dsl.If(num_nodes == 1, name="train-stage-2-one-node"):
+            one_pod = gpu(train_stage2(gpus=gpus_per_step, **inputs).after(cache), gpus=gpus_per_step,
+                          timeout_s=s.train_timeout_s)  # fmt: skip
+        with dsl.Else(name="train-stage-2-trainjob"):
+            launcher = train_stage2_trainjob(num_nodes=num_nodes, gpus_per_node=gpus_per_step,
+                                             placement=trainjob_placement(s), ttl_s=ttl_s, **inputs)  # fmt: skip
+            launched = use_credentials(launcher_task(launcher.after(cache), s), s)
+        return (dsl.OneOf(one_pod.outputs["lora_moe"], launched.outputs["lora_moe"]),
+                dsl.OneOf(one_pod.outputs["metrics"], launched.outputs["metrics"]))  # fmt: skip
+
     @dsl.pipeline(name=PIPELINE_NAME, description="LoRA mixture of experts for WAN2.2 surgical video, two stages")
     def lora_moe_training(
         dataset_uri: str = "s3://lora-moe-data/datasets/surgical/train",
@@ -91,6 +105,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         seed: int = SEED_STAGE2["seed"],
         gpus_per_step: int = 1,
         baseline_arm: bool = True,
+        stage2_num_nodes: int = 1,
+        stage2_trainjob_ttl_s: int = 86400,
         samples_per_family: int = 1,
         eval_clips: int = EVAL_CLIPS,
         eval_timesteps: list = EVAL_TIMESTEP_LIST,
@@ -149,6 +165,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             gpus_per_step: 4 Stage 2 · GPUs of each training step (torchrun); caching, evaluation, inference use 1.
             baseline_arm: 4 Stage 2 · also train one LoRA matched to Stage 2 (parameters, steps, Stage 1, clips) and
                 open the report with LoRA-MoE vs it per family: is the mixture worth it on this data?
+            stage2_num_nodes: 4 Stage 2 · > 1: Stage 2 as a Kubeflow Trainer TrainJob of this many gpus_per_step nodes.
+            stage2_trainjob_ttl_s: 4 Stage 2 · keep the finished TrainJob this long (0: delete at once, < 0: keep).
             samples_per_family: 5 evaluation · generated clips per instrument family in the report (0: none).
             eval_clips: 5 evaluation · held-out clips scored, taken from each family in turn (0: all; at A14B
                 size about 5 DiT forwards per clip and timestep).
@@ -265,49 +283,32 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             imported = cpu(import_stage1(stage1_lora_uri=stage1_lora_uri, **context))
         stage1_lora_uri_out = dsl.OneOf(stage1.outputs["Output"], imported.outputs["Output"])
 
-        stage2 = gpu(
-            train_stage2(
-                cache_uri=data.outputs["train_cache_uri"],
-                stage1_lora_uri=stage1_lora_uri_out,
-                config=stage2_config,
-                task=task,
-                base_model_uri=base_model_uri,
-                dit_uri=dit_uri,
-                dit_high_noise_uri=dit_high_noise_uri,
-                vae_uri=vae_uri,
-                t5_uri=t5_uri,
-                num_train_epochs=stage2_epochs,
-                learning_rate=stage2_learning_rate,
-                seed=seed,
-                gpus=gpus_per_step,
-                run_uri=data.outputs["run_uri"],
-                **context,
-            ).after(cache),
-            gpus=gpus_per_step,
-            timeout_s=s.train_timeout_s,
+        stage2_inputs = dict(
+            cache_uri=data.outputs["train_cache_uri"],
+            stage1_lora_uri=stage1_lora_uri_out,
+            config=stage2_config,
+            task=task,
+            base_model_uri=base_model_uri,
+            dit_uri=dit_uri,
+            dit_high_noise_uri=dit_high_noise_uri,
+            vae_uri=vae_uri,
+            t5_uri=t5_uri,
+            num_train_epochs=stage2_epochs,
+            learning_rate=stage2_learning_rate,
+            seed=seed,
+            run_uri=data.outputs["run_uri"],
+            **context,
         )
+        if s.trainjob_stage2:
+            stage2_lora_moe, stage2_metrics = stage2_steps(stage2_inputs, gpus_per_step, stage2_num_nodes,
+                                                           stage2_trainjob_ttl_s, cache)  # fmt: skip
+        else:  # kfp.local: today's one-pod step alone (pipelines/local_run.py refuses more nodes)
+            stage2 = gpu(train_stage2(gpus=gpus_per_step, **stage2_inputs).after(cache), gpus=gpus_per_step,
+                         timeout_s=s.train_timeout_s)  # fmt: skip
+            stage2_lora_moe, stage2_metrics = stage2.outputs["lora_moe"], stage2.outputs["metrics"]
         with dsl.If(baseline_arm == True, name="baseline-arm"):  # noqa: E712 - a pipeline channel, not a bool
-            arm = gpu(
-                train_baseline_arm(
-                    cache_uri=data.outputs["train_cache_uri"],
-                    stage1_lora_uri=stage1_lora_uri_out,
-                    config=stage2_config,
-                    task=task,
-                    base_model_uri=base_model_uri,
-                    dit_uri=dit_uri,
-                    dit_high_noise_uri=dit_high_noise_uri,
-                    vae_uri=vae_uri,
-                    t5_uri=t5_uri,
-                    num_train_epochs=stage2_epochs,
-                    learning_rate=stage2_learning_rate,
-                    seed=seed,
-                    gpus=gpus_per_step,
-                    run_uri=data.outputs["run_uri"],
-                    **context,
-                ).after(cache),
-                gpus=gpus_per_step,
-                timeout_s=s.train_timeout_s,
-            )
+            arm = gpu(train_baseline_arm(gpus=gpus_per_step, **stage2_inputs).after(cache), gpus=gpus_per_step,
+                      timeout_s=s.train_timeout_s)  # fmt: skip
         with dsl.Else(name="no-baseline-arm"):
             no_arm = cpu(skip_baseline_arm(), s3=False, mlflow=False)
         matched_lora_uri = dsl.OneOf(arm.outputs["Output"], no_arm.output)
@@ -315,7 +316,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         evaluation = gpu(
             evaluate(
                 eval_cache_uri=data.outputs["eval_cache_uri"],
-                lora_moe=stage2.outputs["lora_moe"],
+                lora_moe=stage2_lora_moe,
                 stage1_lora_uri=stage1_lora_uri_out,
                 task=task,
                 base_model_uri=base_model_uri,
@@ -337,7 +338,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         )
         samples = gpu(
             infer_export(
-                lora_moe=stage2.outputs["lora_moe"],
+                lora_moe=stage2_lora_moe,
                 task=task,
                 base_model_uri=base_model_uri,
                 dit_uri=dit_uri,
@@ -357,7 +358,7 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
         )
         register = cpu(
             register_model(
-                lora_moe=stage2.outputs["lora_moe"],
+                lora_moe=stage2_lora_moe,
                 instrument_loras=samples.outputs["instrument_loras"],
                 model_name=model_name,
                 alias=model_alias,
@@ -369,8 +370,8 @@ def build_training_pipeline(settings: ClusterSettings | None = None):
             s3=False,
         )
         return TrainingOutputs(
-            lora_moe=stage2.outputs["lora_moe"],
-            stage2_metrics=stage2.outputs["metrics"],
+            lora_moe=stage2_lora_moe,
+            stage2_metrics=stage2_metrics,
             eval_metrics=evaluation.outputs["metrics"],
             report=evaluation.outputs["report"],
             videos=samples.outputs["videos"],

@@ -104,7 +104,9 @@ def test_overlay_renders_hardened_workloads_in_one_namespace(overlay):
     objects = _render(overlay)
     kinds = {o["kind"] for o in objects}
     assert {"Secret", "StatefulSet", "Service", "Job", "Deployment", "ConfigMap", "ServiceAccount", "Role"} <= kinds
-    assert {o["metadata"].get("namespace") for o in objects} == {NAMESPACE}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}  # only the read access to Trainer's runtimes
+    assert {o["metadata"].get("namespace") for o in objects if o["kind"] not in cluster_scoped} == {NAMESPACE}
+    assert {o["metadata"]["name"] for o in objects if o["kind"] in cluster_scoped} == {"lora-moe-trainer-runtimes-view"}
     workloads = [o for o in objects if o["kind"] in POD_OWNERS]
     assert {o["metadata"]["name"] for o in workloads} == {"minio", "minio-buckets", "mlflow"}
     for obj in workloads:
@@ -211,6 +213,23 @@ def test_pipeline_runner_rbac_is_minimal():
     assert binding["roleRef"]["name"] == "lora-moe-pipeline-runner"
     subject = {"kind": "ServiceAccount", "name": "lora-moe-pipeline-runner", "namespace": NAMESPACE}
     assert binding["subjects"] == [subject]
+
+
+def test_trainjob_launcher_rbac_covers_trainer_v2_and_no_more():
+    objects = _render("dev")
+    rules = _one(objects, "Role", "lora-moe-pipeline-runner")["rules"]
+    trainer = {r["resources"][0]: r["verbs"] for r in rules if r["apiGroups"] == ["trainer.kubeflow.org"]}
+    assert trainer == {"trainjobs": ["create", "get", "list", "watch", "patch", "delete"],
+                       "trainingruntimes": ["get", "list", "watch"]}  # fmt: skip
+    assert {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]} in rules
+    (view,) = _one(objects, "ClusterRole", "lora-moe-trainer-runtimes-view")["rules"]
+    assert view == {"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"],
+                    "verbs": ["get", "list", "watch"]}  # fmt: skip
+    binding = _one(objects, "ClusterRoleBinding", "lora-moe-trainer-runtimes-view")
+    assert binding["roleRef"]["name"] == "lora-moe-trainer-runtimes-view"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "lora-moe-pipeline-runner", "namespace": NAMESPACE}
+    ]
 
 
 def test_gpu_pool_settings_and_overlay_sizes():

@@ -110,7 +110,7 @@ def test_training_ir_dag(compiled):
     assert steps <= set(tasks)
     root = ir["root"]["dag"]["tasks"]
     loop = next(name for name, task in root.items() if "parameterIterator" in task)
-    branches = next(name for name in root if name.startswith("condition-branches"))
+    branches, stage2 = _branches_of(tasks, "train-stage1"), _branches_of(tasks, "train-stage2")
     assert tasks["cache-latents"][0] == f"comp-{loop}"  # the shards fan out over dsl.ParallelFor
     assert root[loop]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-shards-Output"
 
@@ -121,9 +121,9 @@ def test_training_ir_dag(compiled):
     assert {"prepare-data", "start-tracking"} <= deps("label-captions")
     assert deps(loop) == {"plan-shards", "label-captions"}
     assert deps(branches) >= {loop, "prepare-data"}  # Stage 1 starts once every shard is cached
-    assert deps("train-stage2") >= {branches, loop, "prepare-data"}
-    assert deps("evaluate") >= {"train-stage2", "cache-latents-2"}
-    assert deps("register-model") >= {"evaluate", "infer-export", "train-stage2"}
+    assert deps(stage2) >= {branches, loop, "prepare-data"}  # one node or a TrainJob: the same place in the DAG
+    assert deps("evaluate") >= {stage2, "cache-latents-2"}
+    assert deps("register-model") >= {"evaluate", "infer-export", stage2}
     assert deps("finish-tracking") == {"register-model", "start-tracking"}
     assert root["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # after failures too
 
@@ -138,10 +138,54 @@ def test_stage1_is_conditional_on_the_lora_uri(compiled):
     assert conditions["import-stage1"].startswith("!(")  # the Else branch
     group = tasks[branch_of["train-stage1"]][0]
     assert group == tasks[branch_of["import-stage1"]][0] and group.startswith("comp-condition-branches-")
-    # Stage 2 and evaluation take Stage 1's URI from whichever branch ran (dsl.OneOf)
-    for step in ("train-stage2", "evaluate"):
-        uri = tasks[step][1]["inputs"]["parameters"]["stage1_lora_uri"]
-        assert uri["taskOutputParameter"]["producerTask"] == group.removeprefix("comp-")
+    # Stage 2 (both of its branches) and evaluation take Stage 1's URI from whichever branch ran (dsl.OneOf)
+    stage2 = tasks[_branches_of(tasks, "train-stage2")][1]
+    for task in (stage2, tasks["evaluate"][1]):
+        producers = [p["taskOutputParameter"]["producerTask"] for p in task["inputs"]["parameters"].values()
+                     if "taskOutputParameter" in p]  # fmt: skip
+        assert group.removeprefix("comp-") in producers
+    uri = tasks["evaluate"][1]["inputs"]["parameters"]["stage1_lora_uri"]["taskOutputParameter"]
+    assert uri["producerTask"] == group.removeprefix("comp-")
+    for step in ("train-stage2", "train-stage2-trainjob"):  # handed down from the Stage-2 group's OneOf input
+        inner = tasks[step][1]["inputs"]["parameters"]["stage1_lora_uri"]["componentInputParameter"]
+        assert inner.endswith(f"{group.removeprefix('comp-')}-oneof-1"), inner
+
+
+def _branches_of(tasks: dict, step: str) -> str:
+    """The ``condition-branches-N`` group (dsl.If/Else) that holds ``step`` in one of its branches."""
+    branch = tasks[step][0].removeprefix("comp-")
+    return tasks[branch][0].removeprefix("comp-")
+
+
+def test_stage2_runs_in_one_pod_or_as_a_trainjob_launcher(compiled):
+    ir, _, executors = compiled["training"]
+    tasks = tasks_by_name(ir)
+    branch = {step: tasks[step][0].removeprefix("comp-") for step in ("train-stage2", "train-stage2-trainjob")}
+    conditions = {step: tasks[name][1]["triggerPolicy"]["condition"] for step, name in branch.items()}
+    assert "pipelinechannel--stage2_num_nodes" in conditions["train-stage2"] and "== 1" in conditions["train-stage2"]
+    assert conditions["train-stage2-trainjob"].startswith("!(")  # the Else branch
+    group = _branches_of(tasks, "train-stage2")
+    assert group == _branches_of(tasks, "train-stage2-trainjob")
+    for step in ("evaluate", "infer-export", "register-model"):  # the checkpoint of whichever branch ran (OneOf)
+        lora_moe = tasks[step][1]["inputs"]["artifacts"]["lora_moe"]["taskOutputArtifact"]
+        assert lora_moe["producerTask"] == group
+    containers = ir["deploymentSpec"]["executors"]
+    single, launcher = (
+        containers["exec-train-stage2"]["container"],
+        containers["exec-train-stage2-trainjob"]["container"],
+    )
+    assert single["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "accelerator" not in launcher["resources"]  # the GPUs are the TrainJob's, not the launcher pod's
+    assert launcher["image"].split("/")[-1].startswith("lora-moe-cpu:")
+    config = executors["exec-train-stage2-trainjob"]
+    assert not config.node_selector.labels and not config.tolerations  # a CPU pod, anywhere
+    # the launcher outwaits the TrainJob's own deadline (the single-pod step's timeout)
+    assert config.active_deadline_seconds > executors["exec-train-stage2"].active_deadline_seconds
+    params = tasks["train-stage2-trainjob"][1]["inputs"]["parameters"]
+    assert params["num_nodes"] == {"componentInputParameter": "pipelinechannel--stage2_num_nodes"}
+    assert params["gpus_per_node"] == {"componentInputParameter": "pipelinechannel--gpus_per_step"}
+    placement = params["placement"]["runtimeValue"]["constant"]
+    assert placement["image"].split("/")[-1].startswith("lora-moe-trainer:")
 
 
 def test_baseline_arm_runs_beside_stage2_and_feeds_the_evaluation(compiled):
@@ -509,6 +553,24 @@ def test_local_run_rejects_unknown_parameters_and_bad_store(tmp_path, capsys, lo
     blocker = tmp_path / "file"
     blocker.write_text("")
     fails_with(capsys, lora_moe, [*run, "--store", str(blocker / "store")], "cannot create the store folder")
+    fails_with(capsys, lora_moe, [*run, "--param", "stage2_num_nodes=2"], "Kubeflow Trainer TrainJob on a cluster")
+
+
+def test_the_local_build_keeps_the_single_stage2_step(tmp_path):
+    """kfp.local resolves no dsl.OneOf of artifacts: its build has today's Stage-2 step, outside any condition."""
+    from kfp import compiler
+
+    from components.k8s import ClusterSettings
+    from pipelines.training import build_training_pipeline
+
+    path = tmp_path / "local.yaml"
+    compiler.Compiler().compile(build_training_pipeline(ClusterSettings(trainjob_stage2=False)), str(path))
+    ir = next(yaml.safe_load_all(path.read_text()))
+    tasks = tasks_by_name(ir)
+    assert tasks["train-stage2"][0] == "root" and "train-stage2-trainjob" not in tasks
+    assert (
+        tasks["evaluate"][1]["inputs"]["artifacts"]["lora_moe"]["taskOutputArtifact"]["producerTask"] == "train-stage2"
+    )
 
 
 def test_defaults_match_the_manifests_and_images():

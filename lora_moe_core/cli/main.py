@@ -194,6 +194,12 @@ def _sync_tracking(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_node(args: argparse.Namespace) -> int:
+    from lora_moe_core.training.node import run_node
+
+    return run_node(args.config_uri, args.stage_uri, args.gpus_per_node, args.work_dir)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from lora_moe_core.cli.demo import run_demo
 
@@ -235,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train Stage 1 (stage_a), Stage 2 (stage_b) or Stage 3 (stage_c)")
     add_config_flags(train)
     train.set_defaults(handler=_train)
+
+    node = commands.add_parser("train-node", help="one node of a multi-node Stage-2 TrainJob (torchrun, PET_* env)")
+    node.add_argument("--config_uri", required=True, help="resolved config JSON the launcher wrote (s3:// or path)")
+    node.add_argument("--stage_uri", required=True, help="where the saves live: read first, node 0 writes at the end")
+    node.add_argument("--gpus_per_node", type=int, required=True, help="torchrun processes on this node")
+    node.add_argument("--work_dir", default="/tmp/lora-moe-node", help="local folder for the config, inputs, saves")
+    node.set_defaults(handler=_train_node)
 
     evaluate = commands.add_parser("evaluate", help="held-out metrics, routing report, samples, report.html")
     evaluate.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK, help="model family")
