@@ -12,8 +12,8 @@ import re
 
 DEFAULT_REGISTRY = "registry.example.com"  # a placeholder, like manifests/: set LORA_MOE_IMAGE_REGISTRY
 DEFAULT_TAG = "dev"
-TRAINER = "lora-moe-trainer"  # images/trainer.Dockerfile: CUDA torch; caching, training, evaluation, inference
-LIGHT = "lora-moe-cpu"  # images/cpu.Dockerfile: CPU torch; tracking, data checks, labelling, import, registry
+TRAINER = "lora-moe-trainer"  # images/Dockerfile, TORCH_VARIANT=cuda; caching, training, evaluation, inference
+LIGHT = "lora-moe-cpu"  # images/Dockerfile, TORCH_VARIANT=cpu; tracking, data checks, labelling, import, registry
 
 # The numeric uid:gid that images/*.Dockerfile run as (`USER 10001:10001`); the pipeline asks KFP for the same
 # (components.k8s), and the manifests use it. Numeric, so that the kubelet can check runAsNonRoot.

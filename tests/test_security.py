@@ -31,7 +31,7 @@ from components.images import IMAGE_UID
 from lora_moe_core.cli.main import main as lora_moe
 from lora_moe_core.errors import UserError
 from lora_moe_core.redaction import MASK, SECRET_ENV_VARS, is_secret_name, redact, redact_mapping, redact_url
-from tests.test_deploy_files import DOCKERFILES, MANIFESTS, OVERLAYS, _render, _stages, parse_dockerfile
+from tests.test_deploy_files import DOCKERFILE, MANIFESTS, OVERLAYS, _render, _stages, parse_dockerfile
 from tests.test_pipeline import fails_with, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -415,9 +415,8 @@ def test_no_source_unpickles_a_file():
 # ---------------------------------------------------------------- images
 
 
-@pytest.mark.parametrize("role", DOCKERFILES)
-def test_image_runs_as_a_numeric_non_root_uid_that_owns_what_it_writes(role):
-    final = _stages(parse_dockerfile(DOCKERFILES[role]))[-1]
+def test_image_runs_as_a_numeric_non_root_uid_that_owns_what_it_writes():
+    final = _stages(parse_dockerfile(DOCKERFILE))[-1]
     user = [rest for keyword, rest in final if keyword == "USER"][-1]
     assert re.fullmatch(r"\d+:\d+", user), f"USER {user}: numeric uid:gid, or the kubelet cannot check runAsNonRoot"
     uid, gid = (int(part) for part in user.split(":"))
@@ -430,7 +429,7 @@ def test_image_runs_as_a_numeric_non_root_uid_that_owns_what_it_writes(role):
     for name in ("HOME", "HF_HOME", "LORA_MOE_CACHE", "MPLCONFIGDIR"):
         folder = env[name]
         assert folder.startswith("/tmp/") or any(folder == p or folder.startswith(p + "/") for p in owned & writable), (
-            f"{role}: {name}={folder} is not owned by uid {uid}"
+            f"{name}={folder} is not owned by uid {uid}"
         )
 
 

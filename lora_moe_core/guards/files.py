@@ -52,8 +52,9 @@ def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> Path
     return path
 
 
-def read_regular_bytes(path: str | os.PathLike[str], what: str = "file") -> bytes:
-    """The bytes of a regular file. Opened non-blocking and checked again on the open descriptor, so a file
+@contextlib.contextmanager
+def _open_regular(path: str | os.PathLike[str], what: str) -> Iterator[tuple[Path, object]]:
+    """A regular file opened for reading: non-blocking at open and checked again on the descriptor, so a file
     swapped for a FIFO after :func:`check_regular_file` still cannot block the reader."""
     path = check_regular_file(path, what)
     try:
@@ -64,21 +65,19 @@ def read_regular_bytes(path: str | os.PathLike[str], what: str = "file") -> byte
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise UserError(f"{what} {path} is not a regular file (reading it could block forever)")
         os.set_blocking(descriptor, True)
+        yield path, handle
+
+
+def read_regular_bytes(path: str | os.PathLike[str], what: str = "file") -> bytes:
+    """The bytes of a regular file (never a FIFO's reader: :func:`_open_regular`)."""
+    with _open_regular(path, what) as (_, handle):
         return handle.read()
 
 
 def file_sha256(path: str | os.PathLike[str], what: str = "file") -> str:
-    """The SHA-256 (hex) of a regular file, read in chunks (a surgical recording can be gigabytes) and opened
-    non-blocking, checked again on the open descriptor, like :func:`read_regular_bytes`: never a FIFO's reader."""
-    path = check_regular_file(path, what)
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {_short(path)}: {os_reason(exc)}") from None
-    with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise UserError(f"{what} {path} is not a regular file (reading it could block forever)")
-        os.set_blocking(descriptor, True)
+    """The SHA-256 (hex) of a regular file, read in chunks (a surgical recording can be gigabytes), never a FIFO's
+    reader (:func:`_open_regular`)."""
+    with _open_regular(path, what) as (path, handle):
         try:
             return hashlib.file_digest(handle, "sha256").hexdigest()
         except OSError as exc:
