@@ -70,7 +70,7 @@ for item in json.load(open(report_path))["install"]:
 if changed:
     sys.exit("the CUDA build of torch would change locked versions: " + "; ".join(changed))
 header = f"""# images/trainer-cuda.lock: the CUDA runtime wheels that PyPI's torch=={torch_version} (the CUDA build, Linux x86_64)
-# pulls in on top of requirements.lock. Used only by images/trainer.Dockerfile. Made by images/make_lock.sh:
+# pulls in on top of requirements.lock. Used only by images/Dockerfile (TORCH_VARIANT=cuda). Made by images/make_lock.sh:
 #   pip install --isolated --dry-run --ignore-installed --report report.json torch=={torch_version} \\
 #       nvidia-ml-py (NVML bindings: GPU utilisation/memory/power system metrics in MLflow) -r requirements.lock
 # then every package of the report's "install" list that requirements.lock does not name. Some of these are

@@ -116,14 +116,15 @@ def test_the_pipelines_run_in_their_containers(built, tmp_path, capsys, lora_moe
     build, _ = built
     prefix = f"s3://mlpipeline/docker-{uuid.uuid4().hex[:8]}"
     images = ["--runner", "docker", "--image_registry", REGISTRY, "--image_tag", build.resolved_tag()]
+    experiment = ["--param", "mlflow_experiment=lora-moe-docker"]  # the session's server is shared with other tests
     argv = ["pipeline", "run", "--output_dir", str(tmp_path / "docker"), "--store", prefix,
-            "--tracking_uri", mlflow_server.uri, *TINY, *images]  # fmt: skip
+            "--tracking_uri", mlflow_server.uri, *experiment, *TINY, *images]  # fmt: skip
     assert lora_moe(argv) == 0
     out = capsys.readouterr().out
     assert "Found image 'localhost/lora-moe-test/lora-moe-trainer:" in out  # kfp.local's DockerRunner ran them
     docker_paths = summary_paths(out)
-    check_outputs(docker_paths)
-    check_mlflow(mlflow_server.uri, imported_stage1=False)
+    check_outputs(docker_paths, arm=True)  # the pipeline's default: the matched-LoRA arm on
+    check_mlflow(mlflow_server.uri, imported_stage1=False, arm=True, experiment_name="lora-moe-docker")
     owners = {p.stat().st_uid for p in (tmp_path / "docker").rglob("*")}
     assert owners == {subprocess.os.getuid()}  # the containers' files are given back to the user who ran it
 
@@ -140,7 +141,7 @@ def test_the_pipelines_run_in_their_containers(built, tmp_path, capsys, lora_moe
 
     infer = ["pipeline", "run", "--pipeline", "inference", "--output_dir", str(tmp_path / "infer"),
              "--tracking_uri", mlflow_server.uri, "--sample_size", "32", "32", "9", "--sample_steps", "2",
-             *images]  # fmt: skip
+             *experiment, *images]  # fmt: skip
     assert lora_moe(infer) == 0  # the registry's candidate from the training run above
     videos = summary_paths(capsys.readouterr().out)["sample videos"]
     assert any(p.suffix == ".mp4" and p.stat().st_size > 0 for p in videos.iterdir())

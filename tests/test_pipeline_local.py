@@ -45,13 +45,13 @@ def check_outputs(paths: dict[str, Path], arm: bool) -> None:
     assert ('<h2>LoRA-MoE vs matched LoRA</h2><p class="arms">Over all' in report) == arm
 
 
-def check_mlflow(tracking_uri: str, imported_stage1: bool, arm: bool) -> dict:
+def check_mlflow(tracking_uri: str, imported_stage1: bool, arm: bool, experiment_name: str = "lora-moe") -> dict:
     """One FINISHED parent run tagged with the KFP run, a child run per step, and a registered version; with the
     arm, its training run and one run per arm (same metric names, for MLflow's compare view)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    experiment = client.get_experiment_by_name("lora-moe")
+    experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 1
