@@ -36,6 +36,18 @@ def test_memory_modes_benchmark_smoke(tmp_path):
     assert abs(results["fp8_swap"]["loss"] / results["resident"]["loss"] - 1) < 0.01
 
 
+def test_host_memory_benchmark_smoke_compares_the_same_copies(tmp_path):
+    out = tmp_path / "host.json"
+    result = subprocess.run([sys.executable, str(BENCH / "host_memory.py"), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    per_tensor, arena = json.loads(out.read_text())["arms"]
+    assert (per_tensor["arm"], arena["arm"]) == ("per_tensor", "arena")
+    assert per_tensor["host_copies_bytes"] == arena["host_copies_bytes"] > 0  # the same weights leave the device
+    assert per_tensor["arena_reserved_bytes"] == per_tensor["host_copies_bytes"]  # one allocation per tensor
+    assert arena["arena_reserved_bytes"] >= arena["host_copies_bytes"]
+
+
 def test_ddp_benchmark_smoke_runs_two_processes(tmp_path):
     out = tmp_path / "ddp2.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(BENCH / "ddp_step.py"),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_moe_core.errors import UserError
+from lora_moe_core.model.host_arena import SLAB_BYTES, HostArena
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -102,14 +103,17 @@ def quantize_blocks_fp8(dit: nn.Module, fast: bool = False, device: torch.device
 
 
 class HostCopy:
-    """Frozen tensors whose master copy lives in (pinned) host memory; ``load`` puts a device copy in place."""
+    """Frozen tensors whose master copy lives in (pinned) host memory; ``load`` puts a device copy in place.
 
-    def __init__(self, params: list[nn.Parameter], device: torch.device) -> None:
-        pin = device.type == "cuda"
+    Args:
+        arena: where the host copies go (one arena per placement packs every DiT's copies into shared slabs).
+    """
+
+    def __init__(self, params: list[nn.Parameter], device: torch.device, arena: HostArena) -> None:
         self.params, self.device = params, device
         self.host = []
         for param in params:  # point each parameter at its pinned copy at once: the original (a view of the
-            param.data = _host_tensor(param.data, pin)  # file's pages) goes now, not after the whole DiT is pinned
+            param.data = arena.copy(param.data)  # file's pages) goes now, not after the whole DiT is pinned
             self.host.append(param.data)
 
     @property
@@ -137,11 +141,6 @@ class HostCopy:
             param.data = host
 
 
-def _host_tensor(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    host = tensor.detach().to("cpu")
-    return host.pin_memory() if pin and not host.is_pinned() else host
-
-
 def _frozen_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if not p.requires_grad]
 
@@ -167,12 +166,12 @@ class BlockSwapper:
     queued: the caching allocator reuses memory in stream order. At most three swapped blocks are resident.
     """
 
-    def __init__(self, blocks: nn.ModuleList, count: int, device: torch.device) -> None:
+    def __init__(self, blocks: nn.ModuleList, count: int, device: torch.device, arena: HostArena) -> None:
         if not 0 < count < len(blocks):
             raise UserError(f"blocks_to_swap must be between 1 and {len(blocks) - 1} for this {len(blocks)}-block "
                             f"DiT, got {count}")  # fmt: skip
         self.device, self.count = device, count
-        self.copies = [HostCopy(_frozen_params(blocks[i]), device) for i in range(count)]
+        self.copies = [HostCopy(_frozen_params(blocks[i]), device, arena) for i in range(count)]
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.in_flight: dict[int, torch.cuda.Event] = {}
         self.loads = 0  # host-to-device block copies done (for tests and benchmarks)
@@ -230,11 +229,14 @@ class DiTPlacement:
         fp8_base: quantise the block linears to fp8 e4m3 with per-channel scales.
         blocks_to_swap: stream the first N blocks' weights from host memory.
         fp8_fast: with ``fp8_base``, run the forward-only linears as fp8 tensor-core matmuls.
+        host_slab_bytes: slab size of the host copies (``host_arena.SLAB_BYTES``; 0: one allocation per tensor).
     """
 
     def __init__(self, dits: dict[str, nn.Module], device: torch.device, offload_inactive_dit: bool = False,
-                 fp8_base: bool = False, blocks_to_swap: int = 0, fp8_fast: bool = False) -> None:  # fmt: skip
+                 fp8_base: bool = False, blocks_to_swap: int = 0, fp8_fast: bool = False,
+                 host_slab_bytes: int = SLAB_BYTES) -> None:  # fmt: skip
         self.dits = dits
+        self.host = HostArena(device.type == "cuda", host_slab_bytes)
         unique = {id(dit): dit for dit in dits.values()}
         self.offload = offload_inactive_dit and len(unique) > 1
         self.blocks_to_swap = blocks_to_swap
@@ -246,11 +248,11 @@ class DiTPlacement:
             _move_buffers(dit, device)
             swapped: set[int] = set()
             if blocks_to_swap:
-                self.swappers[key] = BlockSwapper(dit.blocks, blocks_to_swap, device)
+                self.swappers[key] = BlockSwapper(dit.blocks, blocks_to_swap, device, self.host)
                 swapped = self.swappers[key].swapped_params()
             rest = [p for p in _frozen_params(dit) if id(p) not in swapped]
             if self.offload:
-                self.resident[key] = HostCopy(rest, device)
+                self.resident[key] = HostCopy(rest, device, self.host)
             else:
                 for param in rest:
                     param.data = param.data.to(device)
