@@ -13,6 +13,13 @@ from tests.mlflow_server import mlflow_s3_server, mlflow_server  # noqa: F401  (
 from tests.s3_server import s3_env, s3_server  # noqa: F401  (real SeaweedFS S3 for the storage tests)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The container tests run last (a stable sort keeps every other order): right after them, a test of the
+    session's shared MLflow server twice found no run link printed (cause not established; the server was still
+    busy with the containers' work, or its request timed out), and they are the slowest tests to wait for."""
+    items.sort(key=lambda item: item.path.name == "test_images.py")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
