@@ -30,13 +30,12 @@ class HostArena:
         self.pin, self.slab_bytes = pin, slab_bytes
         self.slabs: list[torch.Tensor] = []
         self.used = 0  # bytes taken in the last slab
-        self.slab_total = 0  # bytes of all slabs
         self.own_bytes = 0  # bytes of the tensors that got their own allocation
 
     @property
     def reserved_bytes(self) -> int:
         """Host bytes this arena asked for (slabs plus tensors of their own)."""
-        return self.slab_total + self.own_bytes
+        return self._slab_bytes_total() + self.own_bytes
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of ``tensor`` (any device, any layout) as a contiguous view into a slab."""
@@ -57,7 +56,8 @@ class HostArena:
 
     def _new_slab(self, nbytes: int) -> None:
         """A slab twice the size of all slabs so far (16 MB first), at least ``nbytes``, at most ``slab_bytes``."""
-        size = max(FIRST_SLAB_BYTES, 1 << self.slab_total.bit_length(), 1 << (nbytes - 1).bit_length())
-        size = min(size, self.slab_bytes)
-        self.slabs.append(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin))
-        self.slab_total += size
+        size = max(FIRST_SLAB_BYTES, 1 << self._slab_bytes_total().bit_length(), 1 << (nbytes - 1).bit_length())
+        self.slabs.append(torch.empty(min(size, self.slab_bytes), dtype=torch.uint8, pin_memory=self.pin))
+
+    def _slab_bytes_total(self) -> int:
+        return sum(slab.numel() for slab in self.slabs)
